@@ -1,0 +1,295 @@
+"""VAEAnomalyDetector: the sklearn-style estimator wiring schema -> preprocess -> VAE -> scorer."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from . import score as S
+from .config import Config
+from .errors import ConfigError, DataError
+from .model import VAE
+from .preprocess import Preprocessor
+from .schema import Schema, as_frame, infer_schema
+from .train import History, fit_vae
+
+log = logging.getLogger(__name__)
+_CONFIG_FIELDS = {f.name for f in fields(Config)} - {"seed"}
+MIN_ROWS_FOR_HOLDOUT = 50
+
+
+class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
+    """Variational-autoencoder anomaly detector for mixed-type tables.
+
+    Fit on normal rows (rows with label 1 are dropped when ``y`` or ``label`` is given);
+    ``anomaly_score`` is reconstruction NLL + KL in nats (higher = stranger), and rows
+    above ``threshold_`` (calibrated on held-out normal rows at ``target_fpr``) are flagged.
+    sklearn's sign convention holds for ``score_samples`` / ``decision_function`` / ``predict``.
+    """
+
+    def __init__(self, *, latent_dim: int | None = None, hidden: tuple[int, ...] | None = None,
+                 beta: float = 1.0, kl_warmup: float = 0.25, free_bits: float = 0.0,
+                 input_noise: float = 0.0, var_floor: float = 1e-2, dropout: float = 0.0,
+                 lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int | None = None,
+                 max_epochs: int | None = None, step_budget: int = 4000, patience: int = 15,
+                 grad_clip: float = 5.0, numeric_transform: str = "yeo-johnson",
+                 max_categories: int = 64, min_category_count: int = 5, score_method: str = "elbo",
+                 n_importance_samples: int = 16, target_fpr: float = 0.01,
+                 contamination: float | None = None, calibration_fraction: float = 0.15,
+                 validation_fraction: float = 0.1, top_k: int = 3,
+                 categorical: tuple[str, ...] | None = None, exclude: tuple[str, ...] | None = None,
+                 id_cols: tuple[str, ...] | None = None, label: str | None = None,
+                 random_state: int | None = None, n_threads: int | None = None,
+                 verbose: bool = False) -> None:
+        self.latent_dim = latent_dim
+        self.hidden = hidden
+        self.beta = beta
+        self.kl_warmup = kl_warmup
+        self.free_bits = free_bits
+        self.input_noise = input_noise
+        self.var_floor = var_floor
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.step_budget = step_budget
+        self.patience = patience
+        self.grad_clip = grad_clip
+        self.numeric_transform = numeric_transform
+        self.max_categories = max_categories
+        self.min_category_count = min_category_count
+        self.score_method = score_method
+        self.n_importance_samples = n_importance_samples
+        self.target_fpr = target_fpr
+        self.contamination = contamination
+        self.calibration_fraction = calibration_fraction
+        self.validation_fraction = validation_fraction
+        self.top_k = top_k
+        self.categorical = categorical
+        self.exclude = exclude
+        self.id_cols = id_cols
+        self.label = label
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.verbose = verbose
+
+    # ----------------------------------------------------------------- fit
+    def _config(self) -> Config:
+        values = {k: v for k, v in self.get_params().items() if k in _CONFIG_FIELDS}
+        seed = self.random_state if self.random_state is not None else 0
+        if not isinstance(seed, (int, np.integer)):
+            raise ConfigError(f"random_state must be an int or None, got {type(seed).__name__}")
+        return Config(**values, seed=int(seed))
+
+    def fit(self, X: Any, y: Any = None) -> "VAEAnomalyDetector":
+        """Fit on X (DataFrame, Arrow table or 2-D array). Rows with y == 1 are excluded."""
+        config = self._config()
+        t0 = time.perf_counter()
+        df = as_frame(X)
+        self._from_array = not isinstance(X, pd.DataFrame) and not hasattr(X, "schema")
+        df, y = self._split_label(df, y)
+        if y is not None:
+            df = df.loc[~y].reset_index(drop=True)
+        if len(df) < 2:
+            raise DataError(f"need at least 2 normal training rows, got {len(df)}")
+        self.schema_ = infer_schema(df, categorical=self.categorical or (), exclude=self.exclude or (),
+                                    id_cols=self.id_cols or (), label=self.label)
+        data = self.schema_.validate(df, source="training data")
+        self.feature_names_in_ = np.asarray([c.name for c in self.schema_.features], dtype=object)
+        self.n_features_in_ = len(self.feature_names_in_)
+
+        train_idx, val_idx, cal_idx = self._split(len(data), config)
+        self.preprocessor_ = Preprocessor(config.numeric_transform, config.max_categories,
+                                          config.min_category_count).fit(data.iloc[train_idx], self.schema_)
+        X_all = self.preprocessor_.encode(data)
+        self.config_ = config.resolve(len(train_idx), self.preprocessor_.n_dims)
+        torch.set_num_threads(_train_threads(self.config_))
+        torch.manual_seed(self.config_.seed)
+        self.vae_ = VAE.from_preprocessor(self.preprocessor_, hidden=self.config_.hidden,
+                                          latent_dim=self.config_.latent_dim,
+                                          var_floor=self.config_.var_floor, dropout=self.config_.dropout)
+        self.history_: History = fit_vae(self.vae_, X_all[train_idx], X_all[val_idx] if len(val_idx) else None,
+                                         self.config_, progress=self.verbose)
+        torch.set_num_threads(self.config_.n_threads or os.cpu_count() or 1)
+        self._calibrate(X_all, train_idx, cal_idx)
+        self.reference_ = _reference_profile(data.iloc[train_idx], self.schema_, self.preprocessor_)
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def _split_label(self, df: pd.DataFrame, y: Any) -> tuple[pd.DataFrame, np.ndarray | None]:
+        if self.label is not None and self.label in df.columns:
+            y = df[self.label]
+            df = df.drop(columns=[self.label])
+        if y is None:
+            return df, None
+        y = np.asarray(y)
+        if y.shape[0] != len(df):
+            raise DataError(f"y has {y.shape[0]} labels for {len(df)} rows")
+        return df, np.isin(y, [1, True, -1]) if y.dtype != object else np.isin(y.astype(str), ["1", "True", "true"])
+
+    def _split(self, n: int, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shuffle rows into train / validation (early stopping) / calibration (threshold)."""
+        perm = np.random.RandomState(config.seed).permutation(n)
+        if n < MIN_ROWS_FOR_HOLDOUT:
+            log.warning("only %d rows: no held-out calibration set; threshold is calibrated on "
+                        "training rows and will be optimistic", n)
+            return perm, perm[:0], perm
+        n_cal = int(round(config.calibration_fraction * n))
+        n_val = int(round(config.validation_fraction * n))
+        cal, val, train = perm[:n_cal], perm[n_cal:n_cal + n_val], perm[n_cal + n_val:]
+        return np.sort(train), np.sort(val), np.sort(cal if n_cal else train)
+
+    def _calibrate(self, X_all: np.ndarray, train_idx: np.ndarray, cal_idx: np.ndarray) -> None:
+        terms = self._terms_from_X(X_all)
+        cal_scores = terms.anomaly_score[cal_idx]
+        held_out = not np.array_equal(cal_idx, train_idx)
+        self.column_median_ = np.median(terms.column_nll[cal_idx], axis=0)
+        if self.config_.contamination is not None:
+            self.threshold_ = S.contamination_threshold(terms.anomaly_score, self.config_.contamination)
+            method = "contamination"
+        else:
+            self.threshold_ = S.calibrate_threshold(cal_scores, self.config_.target_fpr)
+            method = "conformal"
+        self.calibration_scores_ = np.sort(cal_scores[np.isfinite(cal_scores)])
+        self.offset_ = -self.threshold_
+        self.calibration_ = {
+            "method": method, "target_fpr": self.config_.target_fpr,
+            "contamination": self.config_.contamination, "threshold": self.threshold_,
+            "n_calibration": int(len(cal_idx)), "held_out": bool(held_out),
+            "calibration_flag_rate": float(np.mean(cal_scores > self.threshold_)),
+            "train_flag_rate": float(np.mean(terms.anomaly_score[train_idx] > self.threshold_)),
+        }
+
+    # ------------------------------------------------------------- scoring
+    def _frame(self, X: Any) -> pd.DataFrame:
+        check_is_fitted(self, "vae_")
+        df = as_frame(X)
+        if not isinstance(X, pd.DataFrame) and not hasattr(X, "schema") and df.shape[1] != self.n_features_in_:
+            raise DataError(f"X has {df.shape[1]} features, but {type(self).__name__} is expecting "
+                            f"{self.n_features_in_} features as input")
+        return self.schema_.validate(df)
+
+    def _terms_from_X(self, X: np.ndarray) -> S.ScoreTerms:
+        dim_nll, kl = self.vae_.score_terms(X)
+        terms = S.anomaly_scores(dim_nll, kl, self.preprocessor_.dim_to_column(), len(self.preprocessor_.spans))
+        if self.config_.score_method == "recon":
+            return terms._replace(anomaly_score=terms.recon_nll)
+        if self.config_.score_method == "iwae":
+            iw = self.vae_.iwae_nll(X, self.config_.n_importance_samples, seed=self.config_.seed)
+            return terms._replace(anomaly_score=iw)
+        return terms
+
+    def score_terms(self, X: Any) -> S.ScoreTerms:
+        """anomaly_score, recon_nll, kl and per-column NLL for each row of X."""
+        return self._terms_from_X(self.preprocessor_.encode(self._frame(X)))
+
+    def anomaly_score(self, X: Any) -> np.ndarray:
+        """Reconstruction NLL + KL in nats; higher = stranger. (n,)"""
+        return self.score_terms(X).anomaly_score
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        """sklearn convention: higher = more normal (= -anomaly_score)."""
+        return -self.anomaly_score(X)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """score_samples - offset_; negative values are flagged as anomalies."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X: Any) -> np.ndarray:
+        """+1 normal, -1 anomaly."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def p_value(self, X: Any) -> np.ndarray:
+        return S.p_values(self.anomaly_score(X), self.calibration_scores_)
+
+    def explain(self, X: Any, top_k: int | None = None) -> pd.DataFrame:
+        """Score table: anomaly_score, recon_nll, kl, p_value, is_anomaly, top_features.
+
+        top_features lists the columns whose NLL exceeds its median on calibration normals the
+        most, as 'column:+contribution' (nats) separated by ';'.
+        """
+        terms = self.score_terms(X)
+        return self.score_table(terms, top_k)
+
+    def score_table(self, terms: S.ScoreTerms, top_k: int | None = None) -> pd.DataFrame:
+        contrib = S.feature_contributions(terms.column_nll, self.column_median_)
+        names = [s.column for s in self.preprocessor_.spans]
+        return pd.DataFrame({
+            "anomaly_score": terms.anomaly_score,
+            "recon_nll": terms.recon_nll,
+            "kl": terms.kl,
+            "p_value": S.p_values(terms.anomaly_score, self.calibration_scores_),
+            "is_anomaly": terms.anomaly_score > self.threshold_,
+            "top_features": S.top_features(contrib, names, top_k or self.config_.top_k),
+        })
+
+    def contributions(self, X: Any) -> pd.DataFrame:
+        """Per-column contribution (nats above the calibration median), one column per feature."""
+        terms = self.score_terms(X)
+        contrib = S.feature_contributions(terms.column_nll, self.column_median_)
+        return pd.DataFrame(contrib, columns=[s.column for s in self.preprocessor_.spans])
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Latent means (n, latent_dim)."""
+        return self.vae_.latent_means(self.preprocessor_.encode(self._frame(X)))
+
+    def sample(self, n: int, seed: int = 0) -> pd.DataFrame:
+        """n synthetic rows in the original schema (datetimes come back as hour-of-day)."""
+        check_is_fitted(self, "vae_")
+        return self.preprocessor_.decode(self.vae_.sample(n, seed=seed))
+
+    # --------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> str:
+        """Write a pickle-free model directory atomically; returns its path."""
+        from .persist import save_model
+        return save_model(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "VAEAnomalyDetector":
+        """Load a directory written by `save`, verifying format version and file hashes."""
+        from .persist import load_model
+        return load_model(path)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True
+        tags.non_deterministic = False
+        return tags
+
+
+def _train_threads(config: Config) -> int:
+    """Torch threads for training. Small MLP steps run fastest on one thread (measured: 1.6 ms
+    vs 84 ms per step with 2 threads on a busy 2-core machine); wide layers and big batches
+    use all cores. `n_threads` overrides."""
+    if config.n_threads:
+        return config.n_threads
+    big = config.batch_size * max(config.hidden) >= 131_072
+    return (os.cpu_count() or 1) if big else 1
+
+
+def _reference_profile(df: pd.DataFrame, schema: Schema, pre: Preprocessor, bins: int = 10) -> dict:
+    """Training-data profile for drift checks: decile edges of numerics, category frequencies."""
+    prof: dict[str, Any] = {}
+    for col in schema.features:
+        s = df[col.name]
+        if col.kind == "numeric":
+            v = s.to_numpy("float64", na_value=np.nan)
+            v = v[np.isfinite(v)]
+            edges = np.unique(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1])) if len(v) else np.array([])
+            counts = np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(edges) + 1)
+            prof[col.name] = {"kind": "numeric", "edges": edges.tolist(),
+                              "fractions": (counts / max(len(v), 1)).tolist(),
+                              "missing": float(s.isna().mean())}
+        elif col.kind in ("categorical", "boolean"):
+            freq = s.astype("string").fillna("<null>").value_counts(normalize=True)
+            prof[col.name] = {"kind": "categorical", "freq": {str(k): float(v) for k, v in freq.items()}}
+    return prof

@@ -1,0 +1,26 @@
+"""One family of errors: everything raised on purpose derives from AnomalyVAEError."""
+from __future__ import annotations
+
+
+class AnomalyVAEError(Exception):
+    """Base class for errors the package raises on purpose (bad input, bad config)."""
+
+
+class ConfigError(AnomalyVAEError, ValueError):
+    """A hyperparameter or option is out of range or unknown."""
+
+
+class SchemaMismatchError(AnomalyVAEError, ValueError):
+    """Data to score does not match the schema the model was trained on."""
+
+
+class DataError(AnomalyVAEError, ValueError):
+    """Input data is unusable: empty table, all-null column, unreadable file."""
+
+
+class ModelNotFoundError(AnomalyVAEError, LookupError):
+    """A model directory or registry URI does not exist."""
+
+
+class ModelFormatError(AnomalyVAEError, ValueError):
+    """A saved model is corrupt, tampered with, or of an unknown format version."""

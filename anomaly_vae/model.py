@@ -1,0 +1,185 @@
+"""VAE(nn.Module) for mixed-type rows, and the likelihood terms it is trained and scored with."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .preprocess import Preprocessor
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise -log N(x | mu, exp(logvar)). Shapes (n, d) -> (n, d)."""
+    return 0.5 * (LOG_2PI + logvar + (x - mu) ** 2 * torch.exp(-logvar))
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-dim KL(N(mu, exp(logvar)) || N(0, 1)). Shapes (n, k) -> (n, k)."""
+    return 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar)
+
+
+def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.SiLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class VAE(nn.Module):
+    """Encoder -> (mu, logvar) -> z -> decoder -> per-dim likelihood parameters.
+
+    Numeric dims: heteroscedastic Gaussian (mean, variance >= var_floor); missing-indicator
+    dims: Bernoulli logit; one-hot blocks: categorical logits. The layout (which dim is which)
+    comes from the fitted Preprocessor and is stored as buffers so it is saved with the weights.
+    """
+
+    def __init__(self, n_dims: int, numeric_dims: np.ndarray, indicator_dims: np.ndarray,
+                 categorical_spans: list[tuple[int, int]], numeric_indicator: np.ndarray,
+                 hidden: tuple[int, ...] = (64, 32), latent_dim: int = 8, var_floor: float = 1e-2,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_dims, self.latent_dim, self.var_floor = n_dims, latent_dim, var_floor
+        self.register_buffer("num_idx", torch.as_tensor(numeric_dims, dtype=torch.long))
+        self.register_buffer("ind_idx", torch.as_tensor(indicator_dims, dtype=torch.long))
+        self.register_buffer("num_ind", torch.as_tensor(numeric_indicator, dtype=torch.long))
+        self.cat_spans = [(int(a), int(b)) for a, b in categorical_spans]
+        cat_dims = [d for a, b in self.cat_spans for d in range(a, b)]
+        self.register_buffer("cat_idx", torch.as_tensor(cat_dims, dtype=torch.long))
+        n_num, n_ind = len(numeric_dims), len(indicator_dims)
+        self.encoder = _mlp([n_dims, *hidden], dropout)
+        self.enc_mu = nn.Linear(hidden[-1], latent_dim)
+        self.enc_logvar = nn.Linear(hidden[-1], latent_dim)
+        self.decoder = _mlp([latent_dim, *reversed(hidden)], dropout)
+        self.dec_out = nn.Linear(hidden[0], 2 * n_num + n_ind + len(cat_dims))
+        self._splits = [n_num, n_num, n_ind, len(cat_dims)]
+
+    @classmethod
+    def from_preprocessor(cls, pre: Preprocessor, **kwargs) -> "VAE":
+        num = pre.numeric_dims
+        ind_of = {d: s.indicator for s in pre.spans if s.kind in ("numeric", "datetime")
+                  for d in range(s.start, s.stop)}
+        numeric_indicator = np.array([ind_of[int(d)] for d in num], dtype=np.int64)
+        return cls(pre.n_dims, num, pre.indicator_dims, pre.categorical_spans, numeric_indicator, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        return self.enc_mu(h), self.enc_logvar(h).clamp(-12.0, 8.0)
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """z (n, k) -> numeric mean (n, n_num), numeric logvar, indicator logits, cat logits."""
+        out = self.dec_out(self.decoder(z))
+        mean, raw_var, ind_logit, cat_logit = torch.split(out, self._splits, dim=1)
+        logvar = torch.log(self.var_floor + F.softplus(raw_var))
+        return mean, logvar, ind_logit, cat_logit
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def dim_nll(self, x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Per-dim negative log-likelihood of x under decoder params. (n, n_dims).
+
+        Gaussian NLL of a numeric dim is masked out where its value was missing (the
+        indicator's Bernoulli term carries that information instead). Categorical NLL
+        is spread over the one-hot dims (only the observed category's dim is non-zero).
+        """
+        mean, logvar, ind_logit, cat_logit = params
+        nll = x.new_zeros(x.shape)
+        if len(self.num_idx):
+            xn = x[:, self.num_idx]
+            g = gaussian_nll(xn, mean, logvar)
+            has_ind = self.num_ind >= 0
+            if has_ind.any():
+                observed = torch.ones_like(g)
+                observed[:, has_ind] = 1.0 - x[:, self.num_ind[has_ind]]
+                g = g * observed
+            nll[:, self.num_idx] = g
+        if len(self.ind_idx):
+            nll[:, self.ind_idx] = F.binary_cross_entropy_with_logits(
+                ind_logit, x[:, self.ind_idx], reduction="none")
+        if self.cat_spans:
+            off, parts = 0, []
+            for a, b in self.cat_spans:
+                logp = F.log_softmax(cat_logit[:, off:off + b - a], dim=1)
+                parts.append(-x[:, a:b] * logp)
+                off += b - a
+            nll[:, self.cat_idx] = torch.cat(parts, dim=1)
+        return nll
+
+    def forward(self, x: torch.Tensor, sample: bool = True):
+        """Returns (dim_nll (n, n_dims), kl (n, k), mu (n, k), logvar (n, k))."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar) if sample else mu
+        return self.dim_nll(x, self.decode(z)), kl_divergence(mu, logvar), mu, logvar
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score_terms(self, X: np.ndarray, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+        """Deterministic terms: per-dim NLL at z = mu (n, n_dims) and KL per row (n,)."""
+        self.eval()
+        nll_out = np.empty((len(X), self.n_dims), dtype=np.float32)
+        kl_out = np.empty(len(X), dtype=np.float32)
+        for i in range(0, len(X), batch_size):
+            x = torch.from_numpy(X[i:i + batch_size])
+            nll, kl, _, _ = self(x, sample=False)
+            nll_out[i:i + len(x)] = nll.numpy()
+            kl_out[i:i + len(x)] = kl.sum(1).numpy()
+        return nll_out, kl_out
+
+    @torch.no_grad()
+    def iwae_nll(self, X: np.ndarray, n_samples: int = 16, batch_size: int = 2048,
+                 seed: int = 0) -> np.ndarray:
+        """Importance-weighted estimate of -log p(x) with K samples from q(z|x). (n,)"""
+        self.eval()
+        gen = torch.Generator().manual_seed(seed)
+        out = np.empty(len(X), dtype=np.float64)
+        for i in range(0, len(X), batch_size):
+            x = torch.from_numpy(X[i:i + batch_size])
+            mu, logvar = self.encode(x)
+            std = torch.exp(0.5 * logvar)
+            logw = []
+            for _ in range(n_samples):
+                eps = torch.randn(mu.shape, generator=gen)
+                z = mu + std * eps
+                log_px = -self.dim_nll(x, self.decode(z)).sum(1)
+                log_pz = -0.5 * (z ** 2 + LOG_2PI).sum(1)
+                log_qz = -0.5 * (eps ** 2 + LOG_2PI + logvar).sum(1)
+                logw.append(log_px + log_pz - log_qz)
+            lw = torch.stack(logw, 0)
+            out[i:i + len(x)] = -(torch.logsumexp(lw, 0) - math.log(n_samples)).double().numpy()
+        return out
+
+    @torch.no_grad()
+    def latent_means(self, X: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+        self.eval()
+        return np.concatenate([self.encode(torch.from_numpy(X[i:i + batch_size]))[0].numpy()
+                               for i in range(0, len(X), batch_size)]) if len(X) else \
+            np.zeros((0, self.latent_dim), dtype=np.float32)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        """Draw n synthetic encoded rows: z ~ N(0, I), then sample each likelihood. (n, n_dims)"""
+        self.eval()
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn((n, self.latent_dim), generator=gen)
+        mean, logvar, ind_logit, cat_logit = self.decode(z)
+        X = torch.zeros((n, self.n_dims))
+        if len(self.num_idx):
+            X[:, self.num_idx] = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        if len(self.ind_idx):
+            X[:, self.ind_idx] = torch.bernoulli(torch.sigmoid(ind_logit), generator=gen)
+        off = 0
+        for a, b in self.cat_spans:
+            probs = F.softmax(cat_logit[:, off:off + b - a], dim=1)
+            pick = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            X[torch.arange(n), a + pick] = 1.0
+            off += b - a
+        return X.numpy()

@@ -1,0 +1,184 @@
+"""Column kinds, schema inference at fit time and validation at score time (pure; no torch)."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, SchemaMismatchError
+
+KINDS = ("numeric", "categorical", "boolean", "datetime", "id")
+FEATURE_KINDS = ("numeric", "categorical", "boolean", "datetime")
+_ID_NAME = re.compile(r"(^id$|_id$|^id_|Id$|ID$|uuid|guid)")
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0"}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str
+    dtype: str = ""
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The columns a model was trained on. Built once at fit; travels with the model."""
+
+    columns: tuple[Column, ...]
+    label: str | None = None
+    version: int = 1
+
+    @property
+    def features(self) -> list[Column]:
+        return [c for c in self.columns if c.kind in FEATURE_KINDS]
+
+    @property
+    def ids(self) -> list[str]:
+        return [c.name for c in self.columns if c.kind == "id"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "label": self.label,
+                "columns": [asdict(c) for c in self.columns]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Schema":
+        cols = tuple(Column(**c) for c in d["columns"])
+        for c in cols:
+            if c.kind not in KINDS:
+                raise SchemaMismatchError(f"column '{c.name}': unknown kind '{c.kind}' in schema")
+        return cls(columns=cols, label=d.get("label"), version=int(d.get("version", 1)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def validate(self, df: pd.DataFrame, *, source: str = "input") -> pd.DataFrame:
+        """Check `df` against the schema and cast each feature column to its kind.
+
+        Missing feature columns or values that cannot be cast raise SchemaMismatchError
+        naming the column; extra columns are ignored. Returns a new frame of the features
+        (and whichever id columns are present) in schema order.
+        """
+        missing = [c.name for c in self.features if c.name not in df.columns]
+        if missing:
+            raise SchemaMismatchError(
+                f"{source}: missing required column(s) {missing}; the model was trained on "
+                f"{[c.name for c in self.features]}")
+        out = {}
+        for col in self.columns:
+            if col.name not in df.columns:
+                continue
+            out[col.name] = df[col.name] if col.kind == "id" else cast_column(df[col.name], col, source)
+        return pd.DataFrame(out, index=df.index)
+
+
+def as_frame(X: Any) -> pd.DataFrame:
+    """Accept a DataFrame, a pyarrow Table/RecordBatch or a 2-D array (columns x0, x1, ...)."""
+    if isinstance(X, pd.DataFrame):
+        return X
+    if hasattr(X, "to_pandas") and hasattr(X, "schema"):
+        return X.to_pandas()
+    arr = np.asarray(X)
+    if arr.ndim == 1:
+        raise DataError(f"expected a 2-D table, got a 1-D array of shape {arr.shape}; "
+                        "reshape with X.reshape(-1, 1) for a single feature")
+    if arr.ndim != 2:
+        raise DataError(f"expected a 2-D table, got an array of shape {arr.shape}")
+    return pd.DataFrame(arr, columns=[f"x{i}" for i in range(arr.shape[1])])
+
+
+def infer_schema(df: pd.DataFrame, *, categorical: Iterable[str] = (), exclude: Iterable[str] = (),
+                 id_cols: Iterable[str] = (), label: str | None = None) -> Schema:
+    """Infer each column's kind; user lists override inference.
+
+    Rules: bool -> boolean; datetime64 -> datetime; strings/categories -> categorical, or
+    id when every value is distinct (e.g. a transaction id); numbers -> numeric, or id when
+    integer, distinct per row and named like an id. Id columns are passed through, not modelled.
+    """
+    categorical, exclude, id_cols = set(categorical), set(exclude), set(id_cols)
+    for name in categorical | exclude | id_cols:
+        if name not in df.columns:
+            raise SchemaMismatchError(f"column '{name}' named in the options is not in the data; "
+                                      f"columns are {list(df.columns)}")
+    if len(df) == 0:
+        raise DataError("cannot infer a schema from an empty table")
+    cols = []
+    for name in df.columns:
+        if name == label or name in exclude:
+            continue
+        s = df[name]
+        dtype = str(s.dtype)
+        if name in id_cols:
+            kind = "id"
+        elif name in categorical:
+            kind = "categorical"
+        else:
+            kind = _infer_kind(str(name), s)
+        if kind != "id" and s.isna().all():
+            raise DataError(f"column '{name}': every value is null; drop it with --exclude {name}")
+        cols.append(Column(name=str(name), kind=kind, dtype=dtype))
+    if not any(c.kind in FEATURE_KINDS for c in cols):
+        raise DataError(f"no feature columns left to model among {list(df.columns)}")
+    return Schema(columns=tuple(cols), label=label)
+
+
+def _infer_kind(name: str, s: pd.Series) -> str:
+    if pd.api.types.is_bool_dtype(s):
+        return "boolean"
+    if pd.api.types.is_datetime64_any_dtype(s):
+        return "datetime"
+    n = int(s.notna().sum())
+    distinct_per_row = n >= 20 and s.nunique(dropna=True) == n
+    if pd.api.types.is_numeric_dtype(s):
+        if pd.api.types.is_integer_dtype(s) and distinct_per_row and _ID_NAME.search(name):
+            return "id"
+        return "numeric"
+    if distinct_per_row:
+        return "id"
+    return "categorical"
+
+
+def cast_column(s: pd.Series, col: Column, source: str = "input") -> pd.Series:
+    """Cast one column to its schema kind or raise SchemaMismatchError naming it."""
+    was_null = s.isna()
+    if col.kind == "numeric":
+        if pd.api.types.is_bool_dtype(s):
+            out = s.astype("float64")
+        else:
+            out = pd.to_numeric(s, errors="coerce").astype("float64")
+        _check_cast(s, out, was_null, col, "a number", source)
+        return out
+    if col.kind == "boolean":
+        if pd.api.types.is_bool_dtype(s):
+            return s.astype("boolean")
+        text = s.astype("string").str.strip().str.lower()
+        out = pd.Series(pd.NA, index=s.index, dtype="boolean")
+        out[text.isin(_TRUE).fillna(False)] = True
+        out[text.isin(_FALSE).fillna(False)] = False
+        _check_cast(s, out, was_null, col, "a boolean (true/false/1/0)", source)
+        return out
+    if col.kind == "datetime":
+        if pd.api.types.is_datetime64_any_dtype(s):
+            out = s
+        else:
+            out = pd.to_datetime(s, errors="coerce", utc=False, format="mixed")
+        if getattr(out.dt, "tz", None) is not None:
+            out = out.dt.tz_convert("UTC").dt.tz_localize(None)
+        _check_cast(s, out, was_null, col, "a timestamp", source)
+        return out
+    # categorical: any value is a category; nulls stay null
+    return s.astype("string")
+
+
+def _check_cast(raw: pd.Series, out: pd.Series, was_null: pd.Series, col: Column, expected: str,
+                source: str) -> None:
+    bad = out.isna().to_numpy() & ~was_null.to_numpy()
+    if bad.any():
+        examples = list(pd.unique(raw[bad].astype(str)))[:3]
+        raise SchemaMismatchError(
+            f"{source}: column '{col.name}': expected {expected}, found {bad.sum():,} of {len(raw):,} "
+            f"values that cannot be cast (e.g. {examples}); fix the data or retrain")
