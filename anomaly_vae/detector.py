@@ -96,11 +96,14 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         t0 = time.perf_counter()
         df = as_frame(X)
         self._from_array = not isinstance(X, pd.DataFrame) and not hasattr(X, "schema")
+        if len(df) < 2:
+            raise DataError(f"n_samples={len(df)}: need at least 2 training rows")
         df, y = self._split_label(df, y)
         if y is not None:
             df = df.loc[~y].reset_index(drop=True)
-        if len(df) < 2:
-            raise DataError(f"need at least 2 normal training rows, got {len(df)}")
+            if len(df) < 2:
+                raise DataError(f"only {len(df)} rows left after removing rows labelled anomalous; "
+                                "need at least 2 normal training rows")
         self.schema_ = infer_schema(df, categorical=self.categorical or (), exclude=self.exclude or (),
                                     id_cols=self.id_cols or (), label=self.label)
         data = self.schema_.validate(df, source="training data")
@@ -190,6 +193,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
 
     def score_terms(self, X: Any) -> S.ScoreTerms:
         """anomaly_score, recon_nll, kl and per-column NLL for each row of X."""
+        check_is_fitted(self, "vae_")
         return self._terms_from_X(self.preprocessor_.encode(self._frame(X)))
 
     def anomaly_score(self, X: Any) -> np.ndarray:
@@ -238,7 +242,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         contrib = S.feature_contributions(terms.column_nll, self.column_median_)
         return pd.DataFrame(contrib, columns=[s.column for s in self.preprocessor_.spans])
 
-    def transform(self, X: Any) -> np.ndarray:
+    def encode(self, X: Any) -> np.ndarray:
         """Latent means (n, latent_dim)."""
         return self.vae_.latent_means(self.preprocessor_.encode(self._frame(X)))
 

@@ -81,7 +81,9 @@ class Preprocessor:
             with np.errstate(all="ignore"):
                 pt.fit(((v - median) / scale).reshape(-1, 1))
             lam = float(pt.lambdas_[0])
-            p["lambda"] = lam if np.isfinite(lam) else 1.0
+            # lambda outside [0, 2] makes one tail bounded (x -> inf maps to a finite value), which
+            # would hide exactly the extreme values we are looking for; clip to keep both unbounded.
+            p["lambda"] = float(np.clip(lam, 0.0, 2.0)) if np.isfinite(lam) else 1.0
         elif self.numeric_transform == "quantile":
             qt = QuantileTransformer(n_quantiles=int(min(1000, len(v))), output_distribution="normal",
                                      subsample=100_000, random_state=0).fit(v.reshape(-1, 1))

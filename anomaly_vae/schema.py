@@ -78,16 +78,17 @@ class Schema:
 
 def as_frame(X: Any) -> pd.DataFrame:
     """Accept a DataFrame, a pyarrow Table/RecordBatch or a 2-D array (columns x0, x1, ...)."""
-    if isinstance(X, pd.DataFrame):
-        return X
     if hasattr(X, "to_pandas") and hasattr(X, "schema"):
-        return X.to_pandas()
-    arr = np.asarray(X)
-    if arr.ndim == 1:
-        raise DataError(f"expected a 2-D table, got a 1-D array of shape {arr.shape}; "
-                        "reshape with X.reshape(-1, 1) for a single feature")
-    if arr.ndim != 2:
-        raise DataError(f"expected a 2-D table, got an array of shape {arr.shape}")
+        X = X.to_pandas()
+    if isinstance(X, pd.DataFrame):
+        if X.shape[1] == 0:
+            raise DataError(f"0 feature(s) (shape={X.shape}) while a minimum of 1 is required")
+        if not all(isinstance(c, str) for c in X.columns):
+            X = X.rename(columns=str)
+        return X
+    from sklearn.utils import check_array
+    # arrays are numeric-only; sklearn's checks give the standard messages (sparse, 1-D, empty)
+    arr = check_array(X, accept_sparse=False, dtype="numeric", ensure_all_finite="allow-nan")
     return pd.DataFrame(arr, columns=[f"x{i}" for i in range(arr.shape[1])])
 
 

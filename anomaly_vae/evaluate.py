@@ -1,0 +1,87 @@
+"""Evaluation metrics for a detector on labelled data (pure; no MLflow, no torch)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from .errors import DataError
+
+if TYPE_CHECKING:
+    from .detector import VAEAnomalyDetector
+
+ANOMALY_VALUES = (1, True, -1)   # same rule as VAEAnomalyDetector.fit: 1/True (or sklearn's -1) = anomaly
+
+
+def evaluate_scores(y_true: Any, scores: Any, flags: Any) -> dict[str, Any]:
+    """Ranking and flagging quality of anomaly scores against 0/1 labels.
+
+    Parameters
+    ----------
+    y_true : (n,) labels, truthy / 1 = anomaly.
+    scores : (n,) anomaly scores, higher = stranger. Non-finite scores (a row the model
+        could not score) rank as the most anomalous.
+    flags : (n,) booleans, True where the detector flagged the row.
+
+    Returns
+    -------
+    dict with auroc and auprc (None when only one class is present), fpr (flag rate on
+    normals, None without normals), recall (flag rate on anomalies, None without anomalies),
+    n, n_anomalies, flagged (number of flagged rows) and flag_rate.
+    """
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    f = np.asarray(flags).astype(bool).ravel()
+    if not len(y) == len(s) == len(f):
+        raise DataError(f"evaluate_scores: lengths differ (labels {len(y)}, scores {len(s)}, flags {len(f)})")
+    if len(y) == 0:
+        raise DataError("evaluate_scores: no rows to evaluate")
+    finite = np.isfinite(s)
+    if not finite.all():
+        top = s[finite].max() + 1.0 if finite.any() else 0.0
+        s = np.where(finite, s, top)
+    n_anom = int(y.sum())
+    two_classes = 0 < n_anom < len(y)
+    return {
+        "auroc": float(roc_auc_score(y, s)) if two_classes else None,
+        "auprc": float(average_precision_score(y, s)) if two_classes else None,
+        "fpr": float(f[~y].mean()) if n_anom < len(y) else None,
+        "recall": float(f[y].mean()) if n_anom else None,
+        "n": int(len(y)),
+        "n_anomalies": n_anom,
+        "flagged": int(f.sum()),
+        "flag_rate": float(f.mean()),
+    }
+
+
+def labels_from(df: pd.DataFrame, label: str) -> np.ndarray:
+    """Boolean anomaly mask from a label column; DataError naming the column when unusable."""
+    if label not in df.columns:
+        raise DataError(f"label column '{label}' not found; columns are {list(df.columns)}")
+    col = df[label]
+    if col.isna().any():
+        raise DataError(f"label column '{label}': {int(col.isna().sum()):,} of {len(col):,} values are "
+                        "missing; fill or drop them (1 = anomaly, 0 = normal)")
+    if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        return np.isin(col.to_numpy(), ANOMALY_VALUES)
+    text = col.astype("string").str.strip().str.lower()
+    return text.isin(["1", "true", "-1"]).to_numpy(dtype=bool)
+
+
+def evaluate(det: "VAEAnomalyDetector", df: pd.DataFrame, label: str | None = "label") -> dict[str, Any]:
+    """Score `df` with `det` (label column removed first) and compare with the labels.
+
+    ``label=None`` treats every row as normal (fpr only). Adds ``threshold`` to the
+    `evaluate_scores` keys.
+    """
+    if label is None:
+        y = np.zeros(len(df), dtype=bool)
+        X = df
+    else:
+        y = labels_from(df, label)
+        X = df.drop(columns=[label])
+    terms = det.score_terms(X)
+    flags = terms.anomaly_score > det.threshold_
+    return {**evaluate_scores(y, terms.anomaly_score, flags), "threshold": float(det.threshold_)}

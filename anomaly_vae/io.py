@@ -1,0 +1,490 @@
+"""Table I/O and streaming batch scoring (pyarrow; no torch here).
+
+Scoring streams Arrow record batches from each input through the detector into one
+`pyarrow.parquet.ParquetWriter` whose schema is fixed before the first row, so memory tracks
+the batch size, not the file size. Outputs are written under a hidden temporary name and
+renamed into place on success; on any error the temporary file is removed. A manifest
+(`_manifest.json` in the output directory) records the model and every input's outcome and
+makes a run resumable.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .errors import AnomalyVAEError, DataError, SchemaMismatchError
+
+if TYPE_CHECKING:
+    from .detector import VAEAnomalyDetector
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".parquet", ".pq", ".csv")
+SCORE_FIELDS = (
+    pa.field("anomaly_score", pa.float64()),
+    pa.field("recon_nll", pa.float64()),
+    pa.field("kl", pa.float64()),
+    pa.field("p_value", pa.float64()),
+    pa.field("is_anomaly", pa.bool_()),
+    pa.field("top_features", pa.string()),
+)
+SCORE_COLUMNS = tuple(f.name for f in SCORE_FIELDS)
+MANIFEST = "_manifest.json"
+MANIFEST_FORMAT = "anomaly-vae-scores"
+OUTPUT_SUFFIX = ".scored.parquet"
+_TMP_MARK = ".tmp-"
+_ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
+
+
+# ------------------------------------------------------------------ inputs
+def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files, directories (their *.parquet / *.csv, not recursive) and globs -> sorted file list.
+
+    Hidden files and names starting with '_' (manifests, temporaries) inside directories and
+    globs are skipped. Raises DataError naming the path when something does not exist, or
+    when nothing is left.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and _is_data_file(f))
+            if not found:
+                raise DataError(f"{p}: directory has no {'/'.join(SUFFIXES)} files")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        elif glob.has_magic(str(raw)):
+            found = sorted(Path(f) for f in glob.glob(str(raw), recursive=True)
+                           if Path(f).is_file() and _is_data_file(Path(f)))
+            if not found:
+                raise DataError(f"{raw}: pattern matches no {'/'.join(SUFFIXES)} files")
+            out.extend(found)
+        else:
+            raise DataError(f"{raw}: no such file or directory")
+    seen: set[Path] = set()
+    unique = [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+    if not unique:
+        raise DataError("no input files given")
+    return unique
+
+
+def _is_data_file(p: Path) -> bool:
+    return p.suffix.lower() in SUFFIXES and not p.name.startswith((".", "_"))
+
+
+def _is_csv(path: Path) -> bool:
+    return Path(path).suffix.lower() == ".csv"
+
+
+def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a whole parquet or CSV file into a DataFrame; DataError naming the file on failure."""
+    path = Path(path)
+    try:
+        if _is_csv(path):
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+                include_columns=list(columns) if columns else None))
+        else:
+            table = pq.read_table(path, columns=list(columns) if columns else None)
+        return table.to_pandas()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such file") from exc
+    except _ARROW_ERRORS as exc:
+        raise DataError(f"{path}: cannot read as {'CSV' if _is_csv(path) else 'parquet'}: "
+                        f"{_one_line(exc)}") from exc
+
+
+def read_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Read and concatenate several files; they must have the same columns."""
+    frames = []
+    for p in expand_inputs(paths):
+        df = read_table(p)
+        if frames and list(df.columns) != list(frames[0].columns):
+            missing = sorted(set(frames[0].columns) - set(df.columns))
+            extra = sorted(set(df.columns) - set(frames[0].columns))
+            raise DataError(f"{p}: columns differ from the first input (missing {missing}, extra {extra})")
+        frames.append(df)
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def input_schema(path: str | os.PathLike) -> pa.Schema:
+    """Arrow schema of a file without reading its rows (CSV: inferred from the first block)."""
+    path = Path(path)
+    try:
+        if _is_csv(path):
+            with pacsv.open_csv(path) as reader:
+                return reader.schema
+        return pq.read_schema(path)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such file") from exc
+    except _ARROW_ERRORS as exc:
+        raise DataError(f"{path}: cannot read as {'CSV' if _is_csv(path) else 'parquet'}: "
+                        f"{_one_line(exc)}") from exc
+
+
+def count_rows(path: str | os.PathLike) -> int | None:
+    """Row count from parquet metadata (None for CSV or unreadable files)."""
+    if _is_csv(Path(path)):
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except _ARROW_ERRORS:
+        return None
+
+
+def iter_batches(path: str | os.PathLike, batch_size: int = 65536,
+                 columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream a parquet or CSV file as record batches of at most `batch_size` rows.
+
+    Only `columns` are read when given. Read errors (corrupt file, bad CSV value) raise
+    DataError naming the file.
+    """
+    path = Path(path)
+    if batch_size < 1:
+        raise DataError(f"batch size must be positive, got {batch_size}")
+    try:
+        if _is_csv(path):
+            opts = pacsv.ConvertOptions(include_columns=list(columns) if columns else None)
+            with pacsv.open_csv(path, convert_options=opts) as reader:
+                for batch in reader:
+                    for start in range(0, batch.num_rows, batch_size):
+                        yield batch.slice(start, batch_size)
+        else:
+            with pq.ParquetFile(path) as pf:
+                yield from pf.iter_batches(batch_size=batch_size,
+                                           columns=list(columns) if columns is not None else None)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such file") from exc
+    except _ARROW_ERRORS as exc:
+        raise DataError(f"{path}: cannot read as {'CSV' if _is_csv(path) else 'parquet'}: "
+                        f"{_one_line(exc)}") from exc
+
+
+# ------------------------------------------------------------------ writing
+def temp_path(dst: Path) -> Path:
+    """Hidden temporary name beside `dst` (cleaned up by `remove_stale_temps`)."""
+    return dst.parent / f".{dst.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_temps(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporaries left by a killed run in `out_dir`; returns what was removed."""
+    removed = []
+    for p in Path(out_dir).glob(f".*{_TMP_MARK}*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def write_stream(dst: str | os.PathLike, schema: pa.Schema,
+                 batches: Iterable[pa.RecordBatch | pa.Table]) -> int:
+    """Write batches to parquet at `dst` atomically (temp name, then rename). Returns rows written.
+
+    If anything fails (including the iterator that produces the batches), the temporary
+    file is removed and `dst` is left as it was.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(dst)
+    writer = None
+    rows = 0
+    try:
+        writer = pq.ParquetWriter(tmp, schema, compression="snappy")
+        for batch in batches:
+            writer.write(batch)
+            rows += batch.num_rows
+        writer.close()
+        writer = None
+        os.replace(tmp, dst)
+    except BaseException:
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows
+
+
+def write_frame(df: pd.DataFrame, dst: str | os.PathLike) -> int:
+    """Write a DataFrame to parquet (or CSV when dst ends in .csv) atomically."""
+    dst = Path(dst)
+    if _is_csv(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(dst)
+        try:
+            df.to_csv(tmp, index=False)
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return len(df)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    return write_stream(dst, table.schema, [table])
+
+
+# ------------------------------------------------------------------ scoring
+def output_path(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """DIR/<stem>.scored.parquet for an input file."""
+    return Path(out_dir) / f"{Path(src).stem}{OUTPUT_SUFFIX}"
+
+
+def _plan_columns(det: "VAEAnomalyDetector", src: Path, keep: str) -> tuple[pa.Schema, list[str], list[str]]:
+    """Check the input's columns against the model; return (input schema, columns to read,
+    pass-through columns)."""
+    if keep not in ("ids", "all"):
+        raise DataError(f"keep must be 'ids' or 'all', got {keep!r}")
+    schema = input_schema(src)
+    names = schema.names
+    features = [c.name for c in det.schema_.features]
+    missing = [c for c in features if c not in names]
+    if missing:
+        raise SchemaMismatchError(
+            f"{src}: missing required column(s) {missing}; the model was trained on {features}")
+    if keep == "all":
+        passthrough = list(names)
+    else:
+        passthrough = [c for c in det.schema_.ids if c in names]
+        absent = [c for c in det.schema_.ids if c not in names]
+        if absent:
+            log.warning("%s: id column(s) %s not in the input; output rows are in input order", src, absent)
+    clash = [c for c in passthrough if c in SCORE_COLUMNS]
+    if clash:
+        log.warning("%s: input column(s) %s are replaced by the new scores", src, clash)
+        passthrough = [c for c in passthrough if c not in SCORE_COLUMNS]
+    read = list(dict.fromkeys(passthrough + features))
+    return schema, read, passthrough
+
+
+def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.PathLike, *,
+               keep: str = "ids", batch_size: int = 65536,
+               progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Score one file in record batches into parquet `dst` (temp name + rename).
+
+    Output columns: the pass-through columns (the model's id columns with keep="ids", every
+    input column with keep="all") followed by anomaly_score, recon_nll, kl, p_value,
+    is_anomaly, top_features. `progress(n)` is called with each batch's row count.
+    Bad input raises an AnomalyVAEError naming the file and column; no output is left behind.
+    Returns stats: input, output, rows_in, rows_out, flagged, seconds, status.
+    """
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise DataError(f"{src}: output path is the input file")
+    t0 = time.perf_counter()
+    in_schema, read_cols, passthrough = _plan_columns(det, src, keep)
+    out_schema = pa.schema([in_schema.field(c) for c in passthrough] + list(SCORE_FIELDS))
+    features = [c.name for c in det.schema_.features]
+    counts = {"rows": 0, "flagged": 0}
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in iter_batches(src, batch_size, columns=read_cols):
+            n = batch.num_rows
+            if n == 0:
+                continue
+            start = counts["rows"]
+            try:
+                terms = det.score_terms(batch.select(features).to_pandas())
+                table = det.score_table(terms)
+            except AnomalyVAEError as exc:
+                msg = str(exc).removeprefix("input: ")
+                raise type(exc)(f"{src} (rows {start:,}-{start + n - 1:,}): {msg}") from exc
+            arrays = [_conform(batch.column(c), out_schema.field(c).type) for c in passthrough]
+            arrays += [pa.array(table[f.name].to_numpy(), type=f.type) if f.name != "top_features"
+                       else pa.array(table[f.name].tolist(), type=f.type) for f in SCORE_FIELDS]
+            counts["rows"] += n
+            counts["flagged"] += int(np.count_nonzero(table["is_anomaly"].to_numpy()))
+            if progress is not None:
+                progress(n)
+            yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
+
+    rows_out = write_stream(dst, out_schema, batches())
+    seconds = time.perf_counter() - t0
+    return {"input": str(src), "output": str(dst), "rows_in": counts["rows"], "rows_out": rows_out,
+            "flagged": counts["flagged"], "seconds": round(seconds, 3), "status": "done"}
+
+
+def _conform(arr: pa.Array | pa.ChunkedArray, typ: pa.DataType) -> pa.Array:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr if arr.type == typ else arr.cast(typ)
+
+
+def encode_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], dst: str | os.PathLike, *,
+                 batch_size: int = 65536, progress: Callable[[int], Any] | None = None) -> int:
+    """Latent means z0..z{k-1} (plus the model's id columns) of every input row into one parquet
+    file, streamed in record batches and written atomically. Returns the number of rows."""
+    features = [c.name for c in det.schema_.features]
+    plans = [_plan_columns(det, Path(p), "ids") for p in inputs]
+    first_schema, _, ids = plans[0]
+    k = int(det.config_.latent_dim)
+    out_schema = pa.schema([first_schema.field(c) for c in ids]
+                           + [pa.field(f"z{j}", pa.float32()) for j in range(k)])
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for src, (_, read_cols, passthrough) in zip(inputs, plans):
+            if passthrough != ids:
+                raise DataError(f"{src}: id columns {passthrough} differ from the first input's {ids}")
+            start = 0
+            for batch in iter_batches(src, batch_size, columns=read_cols):
+                if batch.num_rows == 0:
+                    continue
+                try:
+                    z = det.transform(batch.select(features).to_pandas())
+                except AnomalyVAEError as exc:
+                    msg = str(exc).removeprefix("input: ")
+                    raise type(exc)(f"{src} (rows {start:,}-{start + batch.num_rows - 1:,}): {msg}") from exc
+                arrays = [_conform(batch.column(c), out_schema.field(c).type) for c in ids]
+                arrays += [pa.array(np.ascontiguousarray(z[:, j], dtype=np.float32)) for j in range(k)]
+                start += batch.num_rows
+                if progress is not None:
+                    progress(batch.num_rows)
+                yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
+
+    return write_stream(dst, out_schema, batches())
+
+
+# ------------------------------------------------------------------ manifest
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of a previous run in `out_dir`, or None. DataError if it is unreadable."""
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable manifest ({_one_line(exc)}); delete it or drop --resume") from exc
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{path}: not an anomaly-vae scoring manifest")
+    return data
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Write `_manifest.json` atomically (temp file, fsync, rename)."""
+    path = Path(out_dir) / MANIFEST
+    manifest["updated"] = _now()
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _input_key(src: Path) -> str:
+    return str(src.resolve())
+
+
+def _fingerprint(src: Path) -> dict[str, Any]:
+    st = src.stat()
+    return {"size": st.st_size, "mtime": st.st_mtime}
+
+
+def is_done(entry: dict[str, Any] | None, src: Path) -> bool:
+    """A manifest entry marks `src` finished: status done, output present with the recorded
+    row count, and the input unchanged since (size and mtime)."""
+    if not entry or entry.get("status") != "done":
+        return False
+    out = Path(entry.get("output", ""))
+    if not out.is_file() or count_rows(out) != entry.get("rows_out"):
+        return False
+    fp = _fingerprint(src)
+    return entry.get("input_size") == fp["size"] and entry.get("input_mtime") == fp["mtime"]
+
+
+def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str | os.PathLike, *,
+                model_info: dict[str, Any] | None = None, keep: str = "ids", batch_size: int = 65536,
+                resume: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Score every input to OUT/<stem>.scored.parquet, keeping `_manifest.json` up to date.
+
+    With `resume`, inputs that the manifest marks done (and whose output is intact) are
+    skipped; the manifest must come from the same model. Stops at the first failing input
+    (recorded as failed) and re-raises its error. Returns the manifest plus a "summary" dict.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temps(out_dir)
+    if stale:
+        log.info("removed %d stale temporary file(s) from an interrupted run", len(stale))
+    targets = [output_path(p, out_dir) for p in inputs]
+    dupes = sorted({t.name for t in targets if targets.count(t) > 1})
+    if dupes:
+        raise DataError(f"several inputs map to the same output file {dupes}; score them into "
+                        "separate output directories")
+    model = {k: (model_info or {}).get(k) for k in ("uri", "name", "version", "run_id")}
+    previous = read_manifest(out_dir) if resume else None
+    if previous is not None:
+        before = previous.get("model") or {}
+        if (before.get("uri"), before.get("version")) != (model["uri"], model["version"]):
+            raise DataError(f"{out_dir / MANIFEST}: written by model {before.get('uri')} (version "
+                            f"{before.get('version')}), not {model['uri']} (version {model['version']}); "
+                            "use another --output directory or drop --resume")
+    manifest = {
+        "format": MANIFEST_FORMAT, "version": 1, "model": model,
+        "threshold": float(det.threshold_), "keep": keep, "batch_size": batch_size,
+        "created": (previous or {}).get("created", _now()), "updated": _now(),
+        "files": dict((previous or {}).get("files", {})),
+    }
+    summary = {"files": len(inputs), "scored": 0, "skipped": 0, "rows": 0, "flagged": 0, "seconds": 0.0}
+    write_manifest(out_dir, manifest)
+    file_bar = tqdm(total=len(inputs), desc="files", unit="file", disable=not progress or len(inputs) < 2)
+    try:
+        for src, dst in zip(inputs, targets):
+            key = _input_key(src)
+            if resume and is_done(manifest["files"].get(key), src):
+                summary["skipped"] += 1
+                file_bar.update(1)
+                continue
+            fp = _fingerprint(src)
+            entry = {"input": str(src), "output": str(dst), "status": "running", "started": _now(),
+                     "input_size": fp["size"], "input_mtime": fp["mtime"]}
+            manifest["files"][key] = entry
+            write_manifest(out_dir, manifest)
+            bar = tqdm(total=count_rows(src), desc=src.name, unit="row", unit_scale=True,
+                       leave=False, disable=not progress)
+            try:
+                stats = score_file(det, src, dst, keep=keep, batch_size=batch_size, progress=bar.update)
+            except BaseException as exc:
+                entry.update(status="failed", error=_one_line(exc), finished=_now())
+                write_manifest(out_dir, manifest)
+                raise
+            finally:
+                bar.close()
+            entry.update({k: stats[k] for k in ("rows_in", "rows_out", "flagged", "seconds")},
+                         status="done", finished=_now())
+            write_manifest(out_dir, manifest)
+            summary["scored"] += 1
+            for k in ("rows", "flagged", "seconds"):
+                summary[k] += stats["rows_in" if k == "rows" else k]
+            file_bar.update(1)
+    finally:
+        file_bar.close()
+    return {**manifest, "summary": summary}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny seeded mixed-type frames and a fast detector configuration."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+# One torch/BLAS thread per test process: the suite runs on small shared CI machines.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+FAST = dict(max_epochs=8, random_state=0, n_threads=1)
+
+
+def mixed_frame(n: int = 1500, seed: int = 0) -> pd.DataFrame:
+    """Numeric (with NaN), categorical, boolean, datetime and id columns with some structure."""
+    rng = np.random.default_rng(seed)
+    cat = rng.choice(["a", "b", "c", "d"], n, p=[0.4, 0.3, 0.2, 0.1])
+    base = {"a": 10.0, "b": 20.0, "c": 40.0, "d": 80.0}
+    amount = np.array([base[c] for c in cat]) * np.exp(rng.normal(0, 0.3, n))
+    x = rng.normal(size=n)
+    x[rng.random(n) < 0.05] = np.nan
+    return pd.DataFrame({
+        "row_id": [f"r{seed}-{i}" for i in range(n)],
+        "amount": amount,
+        "x": x,
+        "y": 2.0 * np.nan_to_num(x) + rng.normal(0, 0.1, n),
+        "cat": cat,
+        "flag": amount > 30,
+        "ts": pd.Timestamp("2026-01-01") + pd.to_timedelta(rng.integers(0, 86400 * 14, n), unit="s"),
+    })
+
+
+@pytest.fixture(scope="session")
+def frame() -> pd.DataFrame:
+    return mixed_frame()
+
+
+@pytest.fixture(scope="session")
+def fitted(frame):
+    from anomaly_vae import VAEAnomalyDetector
+    return VAEAnomalyDetector(**FAST).fit(frame)
+
+
+@pytest.fixture(scope="session")
+def adbench_dir() -> Path:
+    path = SHARED_DATASETS / "adbench"
+    if not path.is_dir():
+        pytest.skip(f"ADBench datasets not found at {path} (they live in ../shared/datasets, "
+                    "which a fresh clone does not have)")
+    return path

@@ -1,0 +1,120 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly_vae import (DataError, ModelFormatError, ModelNotFoundError, SchemaMismatchError,
+                         VAEAnomalyDetector)
+from conftest import FAST, mixed_frame
+
+
+def test_fit_returns_self_and_sets_fitted_state(frame):
+    det = VAEAnomalyDetector(**FAST)
+    assert det.fit(frame) is det
+    for attr in ("schema_", "preprocessor_", "vae_", "threshold_", "offset_", "history_", "config_"):
+        assert hasattr(det, attr)
+    assert det.n_features_in_ == 6 and "row_id" not in det.feature_names_in_
+
+
+def test_sklearn_sign_conventions(fitted, frame):
+    s = fitted.anomaly_score(frame)
+    np.testing.assert_allclose(fitted.score_samples(frame), -s)
+    np.testing.assert_allclose(fitted.decision_function(frame), fitted.threshold_ - s)
+    pred = fitted.predict(frame)
+    assert set(np.unique(pred)) <= {-1, 1}
+    np.testing.assert_array_equal(pred == -1, s > fitted.threshold_)
+
+
+def test_explain_table_contributions_sum_to_score(fitted, frame):
+    tab = fitted.explain(frame.head(50))
+    assert list(tab.columns) == ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
+    np.testing.assert_allclose(tab.recon_nll + tab.kl, tab.anomaly_score, rtol=1e-6)
+    contrib = fitted.contributions(frame.head(50))
+    np.testing.assert_allclose(contrib.sum(1) + fitted.column_median_.sum() + tab.kl, tab.anomaly_score,
+                               rtol=1e-5)
+    assert ((tab.p_value > 0) & (tab.p_value <= 1)).all()
+
+
+def test_explain_points_at_the_broken_column(fitted, frame):
+    odd = frame.head(5).copy()
+    odd["amount"] = odd["amount"] * 50
+    tab = fitted.explain(odd)
+    assert tab.is_anomaly.all()
+    assert all(t.startswith("amount:") for t in tab.top_features)
+    assert (fitted.anomaly_score(odd) > fitted.anomaly_score(frame.head(5))).all()
+
+
+def test_missing_column_error_names_it(fitted, frame):
+    with pytest.raises(SchemaMismatchError, match="'cat'"):
+        fitted.anomaly_score(frame.drop(columns=["cat"]))
+
+
+def test_unseen_category_and_nan_do_not_crash(fitted, frame):
+    df = frame.head(4).copy()
+    df["cat"] = ["never-seen", None, "a", "b"]
+    df["amount"] = [np.nan, 1.0, 2.0, 3.0]
+    assert np.isfinite(fitted.anomaly_score(df)).all()
+
+
+def test_label_rows_are_excluded_from_training(frame):
+    df = frame.assign(label=0)
+    df.loc[:99, "label"] = 1
+    det = VAEAnomalyDetector(label="label", **FAST).fit(df)
+    n_used = det.calibration_["n_calibration"]
+    assert n_used == round(0.15 * (len(frame) - 100))
+    assert "label" not in det.feature_names_in_
+
+
+def test_false_alarm_rate_on_new_normals_is_near_target():
+    train, fresh = mixed_frame(4000, seed=1), mixed_frame(6000, seed=2)
+    det = VAEAnomalyDetector(target_fpr=0.05, **FAST).fit(train)
+    rate = np.mean(det.predict(fresh) == -1)
+    # conformal guarantee on exchangeable normals; 600 calibration rows -> sd of the rate ~0.009
+    assert 0.02 <= rate <= 0.09, rate
+
+
+def test_contamination_mode_flags_that_fraction_of_training(frame):
+    det = VAEAnomalyDetector(contamination=0.1, **FAST).fit(frame)
+    assert det.calibration_["method"] == "contamination"
+    assert np.mean(det.predict(frame) == -1) == pytest.approx(0.1, abs=0.01)
+
+
+def test_same_seed_same_scores_different_seed_different(frame):
+    a = VAEAnomalyDetector(**FAST).fit(frame).anomaly_score(frame)
+    b = VAEAnomalyDetector(**FAST).fit(frame).anomaly_score(frame)
+    c = VAEAnomalyDetector(**{**FAST, "random_state": 1}).fit(frame).anomaly_score(frame)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_numpy_input_and_feature_count_check():
+    X = np.random.default_rng(0).normal(size=(300, 4))
+    det = VAEAnomalyDetector(**FAST).fit(X)
+    assert det.anomaly_score(X).shape == (300,)
+    with pytest.raises(ValueError, match="4 features"):
+        det.anomaly_score(X[:, :3])
+
+
+def test_score_methods(frame):
+    rec = VAEAnomalyDetector(score_method="recon", **FAST).fit(frame)
+    iw = VAEAnomalyDetector(score_method="iwae", n_importance_samples=8, **FAST).fit(frame)
+    t = rec.score_terms(frame.head(20))
+    np.testing.assert_allclose(t.anomaly_score, t.recon_nll)
+    terms = iw.score_terms(frame.head(200))
+    elbo = terms.recon_nll + terms.kl
+    assert np.isfinite(terms.anomaly_score).all() and not np.allclose(terms.anomaly_score, elbo)
+    assert np.corrcoef(np.argsort(np.argsort(terms.anomaly_score)), np.argsort(np.argsort(elbo)))[0, 1] > 0.7
+
+
+def test_encode_and_sample(fitted, frame):
+    Z = fitted.encode(frame.head(10))
+    assert Z.shape == (10, fitted.config_.latent_dim)
+    synth = fitted.sample(200, seed=0)
+    assert set(synth["cat"]) <= set(fitted.preprocessor_.params["cat"]["vocab"])
+    assert synth["amount"].median() == pytest.approx(frame["amount"].median(), rel=0.5)
+
+
+def test_too_few_rows_is_a_data_error():
+    with pytest.raises(DataError):
+        VAEAnomalyDetector(**FAST).fit(pd.DataFrame({"a": [1.0]}))

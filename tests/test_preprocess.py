@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly_vae.preprocess import NULL, UNK, Preprocessor
+from anomaly_vae.schema import infer_schema
+
+
+@pytest.fixture()
+def fitted_pre(frame):
+    schema = infer_schema(frame)
+    return schema, Preprocessor().fit(schema.validate(frame), schema)
+
+
+def test_layout_and_shapes(frame, fitted_pre):
+    schema, pre = fitted_pre
+    X = pre.encode(schema.validate(frame))
+    assert X.dtype == np.float32 and X.shape == (len(frame), pre.n_dims)
+    spans = {s.column: s for s in pre.spans}
+    assert spans["x"].indicator >= 0 and spans["amount"].indicator == -1     # only x had NaN
+    assert spans["ts"].stop - spans["ts"].start == 4                         # hour + weekday sin/cos
+    one_hot = X[:, spans["cat"].start:spans["cat"].stop]
+    assert np.all(one_hot.sum(1) == 1)
+    assert np.isfinite(X).all()
+    num = X[:, pre.numeric_dims]
+    assert abs(num[:, 0].mean()) < 0.1 and abs(num[:, 0].std() - 1) < 0.1
+
+
+def test_fitted_on_training_rows_only(frame):
+    schema = infer_schema(frame)
+    data = schema.validate(frame)
+    a = Preprocessor().fit(data.iloc[:500], schema).params["amount"]
+    b = Preprocessor().fit(data, schema).params["amount"]
+    assert a["mean"] != b["mean"] or a["median"] != b["median"]
+
+
+def test_unseen_and_null_categories_map_to_unk_and_null(frame, fitted_pre):
+    schema, pre = fitted_pre
+    vocab = pre.params["cat"]["vocab"]
+    assert vocab[-1] == UNK and NULL not in vocab      # no nulls in training
+    df = frame.head(3).copy()
+    df["cat"] = ["zzz", None, "a"]
+    X = pre.encode(schema.validate(df))
+    s = next(s for s in pre.spans if s.column == "cat")
+    assert X[0, s.start + vocab.index(UNK)] == 1 and X[1, s.start + vocab.index(UNK)] == 1
+    assert X[2, s.start + vocab.index("a")] == 1
+
+
+def test_rare_categories_fold_into_unk(frame):
+    df = frame.copy()
+    df.loc[:2, "cat"] = "rare"
+    schema = infer_schema(df)
+    pre = Preprocessor(min_category_count=5).fit(schema.validate(df), schema)
+    assert "rare" not in pre.params["cat"]["vocab"]
+
+
+@pytest.mark.parametrize("transform", ["yeo-johnson", "standard", "robust", "signed-log", "quantile"])
+def test_transforms_json_roundtrip_and_invert(frame, transform):
+    schema = infer_schema(frame)
+    data = schema.validate(frame)
+    pre = Preprocessor(numeric_transform=transform).fit(data, schema)
+    again = Preprocessor.from_dict(json.loads(json.dumps(pre.to_dict())))
+    X = pre.encode(data)
+    np.testing.assert_array_equal(X, again.encode(data))
+    back = pre.decode(X)
+    np.testing.assert_allclose(back["amount"], data["amount"], rtol=1e-3)
+    assert back["cat"].tolist() == data["cat"].tolist()
+
+
+def test_extreme_values_stay_finite(frame, fitted_pre):
+    schema, pre = fitted_pre
+    df = frame.head(3).assign(amount=[1e300, -1e300, np.inf])
+    X = pre.encode(schema.validate(df))
+    assert np.isfinite(X).all()

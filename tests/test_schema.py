@@ -1,0 +1,68 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly_vae import DataError, Schema, SchemaMismatchError, infer_schema
+from anomaly_vae.schema import as_frame
+
+
+def kinds(schema):
+    return {c.name: c.kind for c in schema.columns}
+
+
+def test_infers_every_kind(frame):
+    s = infer_schema(frame.assign(account_id=np.arange(len(frame))))
+    assert kinds(s) == {"row_id": "id", "amount": "numeric", "x": "numeric", "y": "numeric",
+                        "cat": "categorical", "flag": "boolean", "ts": "datetime", "account_id": "id"}
+    assert s.ids == ["row_id", "account_id"]
+
+
+def test_overrides_and_label(frame):
+    df = frame.assign(code=np.arange(len(frame)) % 7, label=0)
+    s = infer_schema(df, categorical=["code"], exclude=["y"], id_cols=["amount"], label="label")
+    k = kinds(s)
+    assert k["code"] == "categorical" and "y" not in k and k["amount"] == "id" and "label" not in k
+    with pytest.raises(SchemaMismatchError, match="nope"):
+        infer_schema(df, exclude=["nope"])
+
+
+def test_json_roundtrip(frame):
+    s = infer_schema(frame)
+    assert Schema.from_dict(s.to_dict()) == s
+
+
+def test_validate_names_missing_and_bad_columns(frame):
+    s = infer_schema(frame)
+    with pytest.raises(SchemaMismatchError, match=r"missing required column\(s\) \['amount'\]"):
+        s.validate(frame.drop(columns=["amount"]))
+    bad = frame.head(10).assign(amount=["12.5"] * 9 + ["twelve"])
+    with pytest.raises(SchemaMismatchError, match=r"column 'amount'.*1 of 10.*twelve"):
+        s.validate(bad)
+    # castable strings and extra columns are fine
+    ok = s.validate(frame.head(5).assign(amount=frame.amount.head(5).astype(str), extra=1))
+    assert ok["amount"].dtype == "float64" and "extra" not in ok
+
+
+def test_boolean_and_datetime_casts(frame):
+    s = infer_schema(frame)
+    df = frame.head(4).assign(flag=["true", "0", None, "yes"], ts=["2026-01-01 10:00"] * 4)
+    out = s.validate(df)
+    assert out["flag"].tolist()[:2] == [True, False] and pd.isna(out["flag"].iloc[2])
+    assert pd.api.types.is_datetime64_any_dtype(out["ts"])
+    with pytest.raises(SchemaMismatchError, match="'flag'"):
+        s.validate(frame.head(2).assign(flag=["maybe", "true"]))
+
+
+def test_all_null_and_empty_are_data_errors():
+    with pytest.raises(DataError, match="'b'"):
+        infer_schema(pd.DataFrame({"a": [1.0, 2.0], "b": [np.nan, np.nan]}))
+    with pytest.raises(DataError, match="empty"):
+        infer_schema(pd.DataFrame({"a": []}))
+
+
+def test_as_frame_accepts_arrays_and_arrow():
+    import pyarrow as pa
+    assert list(as_frame(np.zeros((3, 2))).columns) == ["x0", "x1"]
+    assert as_frame(pa.table({"a": [1, 2]})).shape == (2, 1)
+    with pytest.raises(ValueError, match="Reshape"):
+        as_frame(np.zeros(3))

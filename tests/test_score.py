@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from anomaly_vae import score as S
+
+
+def test_conformal_threshold_controls_false_alarms():
+    rng = np.random.default_rng(0)
+    cal, test = rng.normal(size=2000), rng.normal(size=200_000)
+    t = S.calibrate_threshold(cal, 0.01)
+    assert abs(np.mean(test > t) - 0.01) < 0.004
+    assert S.calibrate_threshold(np.arange(10.0), 0.01) == 9.0     # too few rows -> max
+
+
+def test_p_values_are_conformal():
+    cal = np.arange(1.0, 100.0)                 # 99 calibration scores
+    p = S.p_values(np.array([0.0, 50.0, 1000.0]), cal)
+    np.testing.assert_allclose(p, [1.0, 51 / 100, 1 / 100])
+
+
+def test_contamination_threshold_flags_that_fraction():
+    s = np.arange(1000.0)
+    assert np.mean(s > S.contamination_threshold(s, 0.05)) == pytest.approx(0.05, abs=0.002)
+
+
+def test_scores_decompose_into_columns_plus_kl():
+    rng = np.random.default_rng(1)
+    dim_nll, kl = rng.random((5, 6)), rng.random(5)
+    owner = np.array([0, 0, 1, 2, 2, 2])
+    t = S.anomaly_scores(dim_nll, kl, owner, 3)
+    np.testing.assert_allclose(t.column_nll.sum(1) + t.kl, t.anomaly_score)
+    np.testing.assert_allclose(t.column_nll[:, 0], dim_nll[:, :2].sum(1))
+
+
+def test_top_features_orders_and_drops_non_positive():
+    contrib = np.array([[0.5, 3.0, -1.0], [-1.0, -2.0, -3.0]])
+    assert S.top_features(contrib, ["a", "b", "c"], k=3) == ["b:+3.00;a:+0.50", ""]
