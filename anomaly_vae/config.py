@@ -19,6 +19,7 @@ class Config:
     latent_dim: int | None = None
     hidden: tuple[int, ...] | None = None
     var_floor: float = 1e-2           # lower bound on a numeric feature's decoded variance
+    heteroscedastic: bool = True      # decoder variance depends on z (else one per feature)
     dropout: float = 0.0
     # objective
     beta: float = 1.0

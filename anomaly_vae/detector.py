@@ -37,7 +37,8 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
 
     def __init__(self, *, latent_dim: int | None = None, hidden: tuple[int, ...] | None = None,
                  beta: float = 1.0, kl_warmup: float = 0.25, free_bits: float = 0.0,
-                 input_noise: float = 0.0, var_floor: float = 1e-2, dropout: float = 0.0,
+                 input_noise: float = 0.0, var_floor: float = 1e-2, heteroscedastic: bool = True,
+                 dropout: float = 0.0,
                  lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int | None = None,
                  max_epochs: int | None = None, step_budget: int = 4000, patience: int = 15,
                  grad_clip: float = 5.0, numeric_transform: str = "yeo-johnson",
@@ -56,6 +57,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         self.free_bits = free_bits
         self.input_noise = input_noise
         self.var_floor = var_floor
+        self.heteroscedastic = heteroscedastic
         self.dropout = dropout
         self.lr = lr
         self.weight_decay = weight_decay
@@ -119,7 +121,8 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         torch.manual_seed(self.config_.seed)
         self.vae_ = VAE.from_preprocessor(self.preprocessor_, hidden=self.config_.hidden,
                                           latent_dim=self.config_.latent_dim,
-                                          var_floor=self.config_.var_floor, dropout=self.config_.dropout)
+                                          var_floor=self.config_.var_floor, dropout=self.config_.dropout,
+                                          heteroscedastic=self.config_.heteroscedastic)
         self.history_: History = fit_vae(self.vae_, X_all[train_idx], X_all[val_idx] if len(val_idx) else None,
                                          self.config_, progress=self.verbose)
         torch.set_num_threads(self.config_.n_threads or os.cpu_count() or 1)

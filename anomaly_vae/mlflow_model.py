@@ -24,7 +24,10 @@ class AnomalyVAEPyfunc(mlflow.pyfunc.PythonModel):
 
         self.detector = VAEAnomalyDetector.load(context.artifacts[MODEL_DIR_ARTIFACT])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # pd.DataFrame is a hint MLflow accepts without deriving a schema from it; the logged
+    # signature (columns of the training data) is the contract.
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         top_k = int(params["top_k"]) if params and params.get("top_k") is not None else None
         table = self.detector.explain(df, top_k=top_k)

@@ -43,9 +43,10 @@ class VAE(nn.Module):
     def __init__(self, n_dims: int, numeric_dims: np.ndarray, indicator_dims: np.ndarray,
                  categorical_spans: list[tuple[int, int]], numeric_indicator: np.ndarray,
                  hidden: tuple[int, ...] = (64, 32), latent_dim: int = 8, var_floor: float = 1e-2,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, heteroscedastic: bool = True) -> None:
         super().__init__()
         self.n_dims, self.latent_dim, self.var_floor = n_dims, latent_dim, var_floor
+        self.heteroscedastic = heteroscedastic
         self.register_buffer("num_idx", torch.as_tensor(numeric_dims, dtype=torch.long))
         self.register_buffer("ind_idx", torch.as_tensor(indicator_dims, dtype=torch.long))
         self.register_buffer("num_ind", torch.as_tensor(numeric_indicator, dtype=torch.long))
@@ -59,6 +60,8 @@ class VAE(nn.Module):
         self.decoder = _mlp([latent_dim, *reversed(hidden)], dropout)
         self.dec_out = nn.Linear(hidden[0], 2 * n_num + n_ind + len(cat_dims))
         self._splits = [n_num, n_num, n_ind, len(cat_dims)]
+        # homoscedastic option: one learned variance per numeric feature, independent of z
+        self.feature_raw_var = nn.Parameter(torch.zeros(n_num)) if not heteroscedastic else None
 
     @classmethod
     def from_preprocessor(cls, pre: Preprocessor, **kwargs) -> "VAE":
@@ -77,6 +80,8 @@ class VAE(nn.Module):
         """z (n, k) -> numeric mean (n, n_num), numeric logvar, indicator logits, cat logits."""
         out = self.dec_out(self.decoder(z))
         mean, raw_var, ind_logit, cat_logit = torch.split(out, self._splits, dim=1)
+        if self.feature_raw_var is not None:
+            raw_var = self.feature_raw_var.expand_as(mean)
         logvar = torch.log(self.var_floor + F.softplus(raw_var))
         return mean, logvar, ind_logit, cat_logit
 

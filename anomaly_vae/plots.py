@@ -58,7 +58,7 @@ def loss_curves(history: Any) -> Figure:
         if best is not None and len(epochs):
             ax.axvline(best, color="grey", linewidth=0.8, linestyle=":")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="center right" if ax is ax_beta else "best")
     if len(units):
         ax_units.legend(fontsize=8, loc="lower right")
     return fig
@@ -129,9 +129,10 @@ def column_error(det: "VAEAnomalyDetector", df_or_contrib: Any, *, y: Any = None
     """
     contrib = _as_contributions(det, df_or_contrib, contributions)
     labels = None if y is None else np.asarray(y).astype(bool).ravel()
-    groups = {"normal": contrib if labels is None else contrib[~labels]}
-    if labels is not None and labels.any():
-        groups["anomalous"] = contrib[labels]
+    if labels is None:
+        groups = {"normal": contrib}
+    else:
+        groups = {k: contrib[m] for k, m in (("normal", ~labels), ("anomalous", labels)) if m.any()}
     means = pd.DataFrame({k: v.mean(axis=0) for k, v in groups.items()})
     key = "anomalous" if "anomalous" in means else "normal"
     means = means.reindex(means[key].abs().sort_values(ascending=False).index)[:max_columns][::-1]

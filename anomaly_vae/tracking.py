@@ -15,6 +15,8 @@ import os
 import re
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -47,6 +49,7 @@ EVAL_METRIC_NAMES = {"auroc": "auroc", "auprc": "auprc", "fpr": "fpr_at_threshol
                      "n": "eval_rows", "n_anomalies": "eval_anomalies", "flagged": "eval_flagged",
                      "flag_rate": "eval_flag_rate"}
 INPUT_EXAMPLE_ROWS = 5
+PLOT_MAX_ROWS = 50_000      # training rows scored for the plots when no eval_df is given
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 _configured: dict[str, str] = {}      # the URI chosen by the last `configure` call in this process
 
@@ -70,7 +73,8 @@ def _absolute_sqlite(uri: str) -> str:
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:////") else None
+    """Database file of an absolute SQLite URI (query string ignored), else None."""
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0]) if uri.startswith("sqlite:////") else None
 
 
 def configure(tracking_uri: str | None = None) -> str:
@@ -97,20 +101,24 @@ def _ensure_configured(tracking_uri: str | None = None) -> str:
     return _configured["uri"]
 
 
-def artifact_location(tracking_uri: str) -> str | None:
-    """Artifact root for new experiments: ``<db dir>/artifacts`` as a file URI for SQLite stores."""
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifact root for a new experiment: ``<db dir>/artifacts/<experiment>`` as a file URI for
+    SQLite stores; None (the server's default) otherwise."""
     db = _sqlite_path(tracking_uri)
-    return (db.parent / "artifacts").as_uri() if db is not None else None
+    if db is None:
+        return None
+    return (db.parent / "artifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)).as_uri()
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
+            log.info("experiment %r was deleted; restoring it", name)
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(_configured["uri"]))
+        return client.create_experiment(name, artifact_location=artifact_location(_configured["uri"], name))
     except MlflowException:            # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -158,10 +166,6 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, float]:
             if k in EVAL_METRIC_NAMES and v is not None}
 
 
-def _log_figure(fig: Any, path: str) -> None:
-    mlflow.log_figure(fig, path)
-
-
 def _split_labels(df: pd.DataFrame, label: str | None) -> tuple[pd.DataFrame, np.ndarray | None]:
     if label is None or label not in df.columns:
         return df, None
@@ -169,17 +173,28 @@ def _split_labels(df: pd.DataFrame, label: str | None) -> tuple[pd.DataFrame, np
 
 
 def _model_frame(det: "VAEAnomalyDetector", df: pd.DataFrame) -> pd.DataFrame:
-    """The columns the pyfunc accepts (features + ids, schema order); integers as float64 so a
-    null arriving at serving time still matches the signature."""
+    """The columns the pyfunc accepts (features + ids, schema order), with pandas' nullable
+    extension dtypes made plain: nullable ints (Int64, ...) -> float64 ("double" in the
+    signature, so a null at serving time still matches), nullable booleans -> object."""
     cols = [c.name for c in det.schema_.columns if c.name in df.columns]
     out = df[cols].copy()
     for name in cols:
-        s = out[name]
-        if pd.api.types.is_integer_dtype(s) and not pd.api.types.is_bool_dtype(s):
-            out[name] = s.astype("float64")
-        elif isinstance(s.dtype, pd.BooleanDtype):
-            out[name] = s.astype(object).where(s.notna(), None)
+        dtype = out[name].dtype
+        if isinstance(dtype, pd.api.extensions.ExtensionDtype) and pd.api.types.is_integer_dtype(dtype):
+            out[name] = out[name].astype("float64")
+        elif isinstance(dtype, pd.BooleanDtype):
+            out[name] = out[name].astype(object).where(out[name].notna(), None)
     return out
+
+
+@contextmanager
+def _integer_columns_ok():
+    """Silence MLflow's 'integer column may not hold nulls' hint: non-nullable int columns are
+    declared "long" on purpose (pandas/Spark send int64; "double" would reject it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column")
+        warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways")
+        yield
 
 
 def model_signature(det: "VAEAnomalyDetector", example: pd.DataFrame) -> tuple[ModelSignature, pd.DataFrame]:
@@ -191,7 +206,8 @@ def model_signature(det: "VAEAnomalyDetector", example: pd.DataFrame) -> tuple[M
     ids = [c for c in det.schema_.ids if c in x.columns]
     if ids:
         out = pd.concat([x[ids].reset_index(drop=True), out], axis=1)
-    sig = infer_signature(x, out, params={"top_k": int(det.config_.top_k)})
+    with _integer_columns_ok():
+        sig = infer_signature(x, out, params={"top_k": int(det.config_.top_k)})
     inputs = MlflowSchema([ColSpec(c.type, c.name, required=c.name not in ids) for c in sig.inputs.inputs])
     outputs = MlflowSchema([ColSpec(c.type, c.name, required=c.name not in ids) for c in sig.outputs.inputs])
     return ModelSignature(inputs, outputs, sig.params), x
@@ -200,7 +216,7 @@ def model_signature(det: "VAEAnomalyDetector", example: pd.DataFrame) -> tuple[M
 def _log_model(det: "VAEAnomalyDetector", example_source: pd.DataFrame) -> None:
     example = example_source.head(INPUT_EXAMPLE_ROWS)
     signature, example = model_signature(det, example)
-    with tempfile.TemporaryDirectory(prefix="anomaly-vae-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="anomaly-vae-") as tmp, _quiet_downloads():
         native = det.save(Path(tmp) / "anomaly_vae_model")
         mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT_PATH,
@@ -210,6 +226,12 @@ def _log_model(det: "VAEAnomalyDetector", example_source: pd.DataFrame) -> None:
             input_example=example,
             pip_requirements=[f"anomaly-vae=={__version__}", f"mlflow=={mlflow.__version__}"],
         )
+
+
+def _log_dataset(df: pd.DataFrame, name: str | None, source: str | None, label: str | None,
+                 context: str) -> None:
+    with _integer_columns_ok():
+        mlflow.log_input(_dataset(df, name, source, label), context=context)
 
 
 def _dataset(df: pd.DataFrame, name: str | None, source: str | None, label: str | None):
@@ -245,19 +267,24 @@ def log_training_run(det: "VAEAnomalyDetector", train_df: pd.DataFrame, *, datas
     client = MlflowClient()
     exp_id = _experiment_id(client, experiment)
     run_tags = {"anomaly_vae.run_type": "training", "anomaly_vae.dataset": dataset_name, **(tags or {})}
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags) as run:
+    nested = mlflow.active_run() is not None      # e.g. inside a retrain pipeline's parent run
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags, nested=nested) as run:
         run_id = run.info.run_id
         now = int(time.time() * 1000)
         scalars = _scalar_metrics(det)
-        client.log_batch(run_id, metrics=_history_metrics(det, now) + [Metric(k, v, now, 0) for k, v in scalars.items()],
-                         params=[Param(k, v) for k, v in _params(det).items()])
-        mlflow.log_input(_dataset(train_df, dataset_name, dataset_source, label), context="training")
+        metrics = _history_metrics(det, now) + [Metric(k, v, now, 0) for k, v in scalars.items()]
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in _params(det).items()])
+        _log_dataset(train_df, dataset_name, dataset_source, label, "training")
         mlflow.log_text(det.schema_.to_json(), "schema.json")
         mlflow.log_dict(det.calibration_, "calibration.json")
 
-        fig = plots.loss_curves(det.history_)
-        _log_figure(fig, "plots/loss_curves.png")
-        hist_df, hist_name = (eval_df, "evaluation") if eval_df is not None else (train_df, "training")
+        mlflow.log_figure(plots.loss_curves(det.history_), "plots/loss_curves.png")
+        if eval_df is not None:
+            hist_df, hist_name = eval_df, "evaluation"
+        else:
+            hist_df, hist_name = train_df, "training"
+            if len(train_df) > PLOT_MAX_ROWS:
+                hist_df = train_df.sample(PLOT_MAX_ROWS, random_state=det.config_.seed)
         X, y = _split_labels(hist_df, label)
         terms = det.score_terms(X)
         flags = terms.anomaly_score > det.threshold_
@@ -271,11 +298,11 @@ def log_training_run(det: "VAEAnomalyDetector", train_df: pd.DataFrame, *, datas
                 mlflow.log_metric("eval_flag_rate", float(flags.mean()))
                 scalars["eval_flag_rate"] = float(flags.mean())
             eval_name = f"{dataset_name}-eval"
-            mlflow.log_input(_dataset(eval_df, eval_name, dataset_source, label), context="evaluation")
-        _log_figure(plots.score_histogram(terms.anomaly_score, y, det.threshold_),
-                    f"plots/score_histogram_{hist_name}.png")
+            _log_dataset(eval_df, eval_name, None, label, "evaluation")
+        mlflow.log_figure(plots.score_histogram(terms.anomaly_score, y, det.threshold_),
+                          f"plots/score_histogram_{hist_name}.png")
         contrib = terms.column_nll - det.column_median_[None, :]   # = det.contributions(X), no re-scoring
-        _log_figure(plots.column_error(det, contrib, y=y, contributions=True), "plots/column_error.png")
+        mlflow.log_figure(plots.column_error(det, contrib, y=y, contributions=True), "plots/column_error.png")
 
         _log_model(det, train_df if label is None or label not in train_df.columns
                    else train_df.drop(columns=[label]))
@@ -289,24 +316,50 @@ def log_evaluation(det: "VAEAnomalyDetector", df: pd.DataFrame, *, label: str = 
                    model_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
                    dataset_name: str | None = None, tracking_uri: str | None = None,
                    run_name: str | None = None, tags: dict[str, str] | None = None) -> dict:
-    """Score labelled `df`, log an evaluation run (metrics, score histogram, dataset input,
-    tag ``model_uri``); returns the `evaluate` dict plus ``run_id``."""
-    from .evaluate import evaluate
+    """Score labelled `df` and log an evaluation run: metrics (auroc, auprc, fpr_at_threshold,
+    recall, ...), ``plots/score_histogram_evaluation.png``, the dataset (context "evaluation")
+    when `dataset_name` is given, and tag ``model_uri``.
 
+    Returns the `evaluate.evaluate` dict plus ``run_id``. DataError when `label` is missing.
+    """
     _ensure_configured(tracking_uri)
+    y = labels_from(df, label)
+    terms = det.score_terms(df.drop(columns=[label]))
+    result = {**evaluate_scores(y, terms.anomaly_score, terms.anomaly_score > det.threshold_),
+              "threshold": float(det.threshold_)}
     client = MlflowClient()
     exp_id = _experiment_id(client, experiment)
-    result = evaluate(det, df, label)
     run_tags = {"anomaly_vae.run_type": "evaluation", **({"model_uri": model_uri} if model_uri else {}),
                 **(tags or {})}
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags) as run:
-        mlflow.log_metrics({**_eval_metrics(result), "threshold": float(det.threshold_)})
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags, nested=nested) as run:
+        mlflow.log_metrics({**_eval_metrics(result), "threshold": result["threshold"]})
         if dataset_name:
-            mlflow.log_input(_dataset(df, dataset_name, None, label), context="evaluation")
-        X, y = _split_labels(df, label)
-        scores = det.anomaly_score(X)
-        _log_figure(plots.score_histogram(scores, y, det.threshold_), "plots/score_histogram_evaluation.png")
+            _log_dataset(df, dataset_name, None, label, "evaluation")
+        mlflow.log_figure(plots.score_histogram(terms.anomaly_score, y, det.threshold_),
+                          "plots/score_histogram_evaluation.png")
     return {**result, "run_id": run.info.run_id}
+
+
+def log_run(run_name: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+            tags: dict[str, str] | None = None, json_artifacts: dict[str, Any] | None = None,
+            experiment: str = DEFAULT_EXPERIMENT, tracking_uri: str | None = None) -> str:
+    """Log a small summary run (e.g. a retraining decision or drift report); returns its run id.
+
+    `json_artifacts` maps artifact file names (``decision.json``) to JSON-serialisable objects.
+    None metric values are skipped. Nests under an active run if there is one.
+    """
+    _ensure_configured(tracking_uri)
+    exp_id = _experiment_id(MlflowClient(), experiment)
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags, nested=nested) as run:
+        if params:
+            mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+        for name, obj in (json_artifacts or {}).items():
+            mlflow.log_dict(obj, name)
+    return run.info.run_id
 
 
 # ------------------------------------------------------------- registry
@@ -315,11 +368,23 @@ def _not_found(exc: MlflowException) -> bool:
         or "does not exist" in str(exc).lower()
 
 
+def _logged_model_uri(client: MlflowClient, run_id: str) -> str:
+    """``models:/<model_id>`` of the run's logged model named 'model' (MLflow 3 stores logged
+    models outside the run's artifacts); falls back to ``runs:/<run_id>/model``."""
+    run = client.get_run(run_id)
+    for out in getattr(run.outputs, "model_outputs", None) or []:
+        if client.get_logged_model(out.model_id).name == MODEL_ARTIFACT_PATH:
+            return f"models:/{out.model_id}"
+    return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
+
+
 def register(run_id: str, name: str) -> int:
-    """Register ``runs:/<run_id>/model`` under `name` (created if new); returns the version."""
+    """Register the model logged by run `run_id` (``runs:/<run_id>/model``) under `name`
+    (created if new); returns the new version number."""
     _ensure_configured()
     try:
-        mv = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}", name)
+        source = _logged_model_uri(MlflowClient(), run_id)
+        mv = mlflow.register_model(source, name)
     except MlflowException as exc:
         if _not_found(exc):
             raise ModelNotFoundError(f"run {run_id!r} has no logged model at '{MODEL_ARTIFACT_PATH}' "
@@ -394,17 +459,31 @@ def _quote(name: str) -> str:
 
 # -------------------------------------------------------------- loading
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
+_LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)/?$")     # MLflow 3 logged model
 _RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<path>.+?)/?$")
 
 
 def resolve_model_uri(model: str) -> dict[str, Any]:
-    """Parse and check a registry / run URI: {"uri", "name", "version", "run_id", "source"}.
+    """Parse and check a registry / run / logged-model URI: {"uri", "name", "version", "run_id",
+    "source"}. Accepted: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model and
+    models:/<model_id> (MLflow 3 logged model, as shown in the UI).
 
     ``source`` is the URI whose artifacts hold the pyfunc model. ModelNotFoundError when the
     name, alias, version or run does not exist.
     """
     _ensure_configured()
     client = MlflowClient()
+    m = _LOGGED_MODEL_URI.match(model)
+    if m:
+        try:
+            logged = client.get_logged_model(m["model_id"])
+        except MlflowException as exc:
+            if _not_found(exc):
+                raise ModelNotFoundError(f"{model}: logged model '{m['model_id']}' not found in "
+                                         f"{_configured['uri']}") from exc
+            raise
+        return {"uri": model, "name": None, "version": None, "run_id": logged.source_run_id,
+                "source": logged.artifact_location}
     m = _MODELS_URI.match(model)
     if m:
         name = m["name"]
@@ -435,9 +514,25 @@ def resolve_model_uri(model: str) -> dict[str, Any]:
                              "models:/<name>/<version> or models:/<name>@<alias>")
 
 
+@contextmanager
+def _quiet_downloads():
+    """Hide MLflow's per-file download progress bars (noise in cron logs)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def _download(uri: str, dst: str) -> str:
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+        with _quiet_downloads():
+            return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
     except MlflowException as exc:
         if _not_found(exc):
             raise ModelNotFoundError(f"{uri}: not found in the artifact store ({exc.message})") from exc
