@@ -9,10 +9,12 @@ makes a run resumable.
 """
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from datetime import datetime, timezone
@@ -90,6 +92,21 @@ def _is_csv(path: Path) -> bool:
     return Path(path).suffix.lower() == ".csv"
 
 
+def _read_error(path: Path, exc: BaseException) -> DataError:
+    """DataError naming the file, and for CSV conversion errors the column by name."""
+    msg = _one_line(exc)
+    if _is_csv(path):
+        m = re.search(r"CSV column #(\d+)", msg)
+        if m:
+            try:
+                with open(path, newline="") as f:
+                    header = next(csv.reader(f))
+                msg = f"column '{header[int(m.group(1))]}': {msg}"
+            except (OSError, StopIteration, IndexError, csv.Error):
+                pass
+    return DataError(f"{path}: cannot read as {'CSV' if _is_csv(path) else 'parquet'}: {msg}")
+
+
 def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read a whole parquet or CSV file into a DataFrame; DataError naming the file on failure."""
     path = Path(path)
@@ -103,8 +120,7 @@ def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) ->
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such file") from exc
     except _ARROW_ERRORS as exc:
-        raise DataError(f"{path}: cannot read as {'CSV' if _is_csv(path) else 'parquet'}: "
-                        f"{_one_line(exc)}") from exc
+        raise _read_error(path, exc) from exc
 
 
 def read_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
@@ -131,8 +147,7 @@ def input_schema(path: str | os.PathLike) -> pa.Schema:
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such file") from exc
     except _ARROW_ERRORS as exc:
-        raise DataError(f"{path}: cannot read as {'CSV' if _is_csv(path) else 'parquet'}: "
-                        f"{_one_line(exc)}") from exc
+        raise _read_error(path, exc) from exc
 
 
 def count_rows(path: str | os.PathLike) -> int | None:
@@ -146,18 +161,21 @@ def count_rows(path: str | os.PathLike) -> int | None:
 
 
 def iter_batches(path: str | os.PathLike, batch_size: int = 65536,
-                 columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+                 columns: Sequence[str] | None = None,
+                 column_types: dict[str, pa.DataType] | None = None) -> Iterator[pa.RecordBatch]:
     """Stream a parquet or CSV file as record batches of at most `batch_size` rows.
 
-    Only `columns` are read when given. Read errors (corrupt file, bad CSV value) raise
-    DataError naming the file.
+    Only `columns` are read when given. `column_types` fixes CSV column types (otherwise
+    inferred from the first block). Read errors (corrupt file, bad CSV value) raise
+    DataError naming the file (and the column, for CSV conversion errors).
     """
     path = Path(path)
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")
     try:
         if _is_csv(path):
-            opts = pacsv.ConvertOptions(include_columns=list(columns) if columns else None)
+            opts = pacsv.ConvertOptions(include_columns=list(columns) if columns else None,
+                                        column_types=column_types or None)
             with pacsv.open_csv(path, convert_options=opts) as reader:
                 for batch in reader:
                     for start in range(0, batch.num_rows, batch_size):
@@ -169,8 +187,7 @@ def iter_batches(path: str | os.PathLike, batch_size: int = 65536,
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such file") from exc
     except _ARROW_ERRORS as exc:
-        raise DataError(f"{path}: cannot read as {'CSV' if _is_csv(path) else 'parquet'}: "
-                        f"{_one_line(exc)}") from exc
+        raise _read_error(path, exc) from exc
 
 
 # ------------------------------------------------------------------ writing
@@ -286,12 +303,16 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
         raise DataError(f"{src}: output path is the input file")
     t0 = time.perf_counter()
     in_schema, read_cols, passthrough = _plan_columns(det, src, keep)
-    out_schema = pa.schema([in_schema.field(c) for c in passthrough] + list(SCORE_FIELDS))
     features = [c.name for c in det.schema_.features]
+    # CSV: numeric features read as float64 throughout (no int -> float surprises mid-file)
+    csv_types = {c.name: pa.float64() for c in det.schema_.features if c.kind == "numeric"}
+    if _is_csv(src):
+        in_schema = pa.schema([pa.field(f.name, csv_types.get(f.name, f.type)) for f in in_schema])
+    out_schema = pa.schema([in_schema.field(c) for c in passthrough] + list(SCORE_FIELDS))
     counts = {"rows": 0, "flagged": 0}
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for batch in iter_batches(src, batch_size, columns=read_cols):
+        for batch in iter_batches(src, batch_size, columns=read_cols, column_types=csv_types):
             n = batch.num_rows
             if n == 0:
                 continue
@@ -343,7 +364,7 @@ def encode_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], dst: str | o
                 if batch.num_rows == 0:
                     continue
                 try:
-                    z = det.transform(batch.select(features).to_pandas())
+                    z = _latent_means(det, batch.select(features).to_pandas())
                 except AnomalyVAEError as exc:
                     msg = str(exc).removeprefix("input: ")
                     raise type(exc)(f"{src} (rows {start:,}-{start + batch.num_rows - 1:,}): {msg}") from exc
@@ -488,3 +509,9 @@ def _now() -> str:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _latent_means(det: "VAEAnomalyDetector", df: pd.DataFrame) -> np.ndarray:
+    """det.encode (latent means); older detectors called it transform."""
+    fn = getattr(det, "encode", None) or getattr(det, "transform")
+    return fn(df)

@@ -387,6 +387,8 @@ class WorkerHandle:
         try:
             return self.conn.recv()
         except (EOFError, OSError):
+            if self.proc is not None:
+                self.proc.join(5)
             code = self.proc.exitcode if self.proc is not None else None
             self.stop()
             return {"status": f"error: worker crashed (exit code {code})"}
@@ -425,6 +427,8 @@ def read_results(path: Path) -> pd.DataFrame:
             df[col] = np.nan
     df = df[CSV_COLUMNS]
     df["seed"] = df["seed"].astype(int)
+    for col in ("n_train", "n_test"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
     return df.drop_duplicates(["dataset", "seed", "method"], keep="last").reset_index(drop=True)
 
 

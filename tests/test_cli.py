@@ -1,0 +1,300 @@
+"""The `anomaly-vae` CLI end to end: real parquet files, a real SQLite MLflow store in tmp_path,
+click's CliRunner and the installed console script (subprocess)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from anomaly_vae.cli import CLIError, _to_cli_error, main
+from anomaly_vae.demo import DEMO_EXCLUDE, make_transactions
+from anomaly_vae.errors import DataError
+
+SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
+ENTRY_POINT = Path(sys.executable).with_name("anomaly-vae")
+EXCLUDE = [a for c in DEMO_EXCLUDE for a in ("--exclude", c)]
+
+
+def run(*args: str, ok: bool = True, **kw):
+    """Invoke the real click group in-process; on unexpected failure show the output."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True, **kw)
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def _leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if ".tmp-" in p.name) if d.exists() else []
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """2,400 demo transactions: train file (first 1,600 by time) + 3 incoming parts of 200 rows."""
+    root = tmp_path_factory.mktemp("cli-data")
+    df = make_transactions(2400, seed=3)
+    train = root / "train.parquet"
+    df.iloc[:1600].to_parquet(train, index=False)
+    incoming = root / "incoming"
+    incoming.mkdir()
+    for i in range(3):
+        df.iloc[1600 + 200 * i:1800 + 200 * i].to_parquet(incoming / f"part-{i}.parquet", index=False)
+    return {"root": root, "train": train, "incoming": incoming, "frame": df}
+
+
+@pytest.fixture(scope="module")
+def model_dir(data) -> Path:
+    """A local model trained through the CLI without MLflow."""
+    out = data["root"] / "models" / "local"
+    r = run("-q", "--threads", "1", "train", data["train"], "--label", "label", *EXCLUDE,
+            "--epochs", "3", "--no-mlflow", "-o", out)
+    assert r.output == ""                                   # --quiet: nothing on success
+    assert (out / "manifest.json").is_file()
+    return out
+
+
+# ------------------------------------------------------------------ help
+@pytest.mark.parametrize("cmd", [[], ["train"], ["score"], ["evaluate"], ["sample"], ["encode"],
+                                 ["models"], ["models", "list"], ["models", "promote"], ["demo"]])
+def test_every_command_has_help(cmd):
+    r = run(*cmd, "--help")
+    assert "Usage: " in r.output and "--help" in r.output
+    if cmd and cmd != ["models"]:
+        assert "Example" in r.output
+
+
+def test_heavy_imports_stay_inside_commands():
+    """--help must not pay for torch or MLflow: cli.py and io.py import them only inside functions."""
+    import ast
+
+    import anomaly_vae.cli
+    import anomaly_vae.io
+
+    for mod in (anomaly_vae.cli, anomaly_vae.io):
+        tree = ast.parse(Path(mod.__file__).read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name for n in top for a in n.names} | {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
+        assert not {n for n in names if n.split(".")[0] in ("torch", "mlflow") or n in ("detector", "tracking")}, names
+
+
+def test_usage_errors_exit_2():
+    assert run("score", "data.parquet", ok=False).exit_code == 2                  # --model missing
+    assert run("frobnicate", ok=False).exit_code == 2
+    assert run("train", "x.parquet", "--register", "n", "--no-mlflow", ok=False).exit_code == 2
+
+
+def test_error_mapping():
+    assert _to_cli_error(DataError("f.parquet: column 'a': bad\nvalue")).exit_code == 2
+    assert _to_cli_error(FileNotFoundError(2, "No such file", "x.parquet")).exit_code == 2
+    err = _to_cli_error(RuntimeError("boom"))
+    assert isinstance(err, CLIError) and err.exit_code == 1 and "--debug" in err.message
+    assert "\n" not in _to_cli_error(DataError("a\nb")).message
+
+
+# ------------------------------------------------------------------ local model
+def test_train_summary(data, tmp_path):
+    r = run("--threads", "1", "train", data["train"], "--label", "label", *EXCLUDE, "--id-col", "transaction_id",
+            "--epochs", "2", "--seed", "1", "--target-fpr", "0.05", "--no-mlflow", "-o", tmp_path / "m")
+    out = r.stdout
+    n_fraud = int(data["frame"].iloc[:1600]["label"].sum())
+    assert f"1,600 read, {1600 - n_fraud:,} used for training ({n_fraud} labelled anomalies left out)" in out
+    assert "ids: transaction_id" in out and "epochs:     2" in out and "target FPR 0.05" in out
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["params"]["target_fpr"] == 0.05 and cfg["params"]["random_state"] == 1
+
+
+def test_score_directory_matches_explain(data, model_dir, tmp_path):
+    from anomaly_vae import VAEAnomalyDetector
+
+    out = tmp_path / "scored"
+    r = run("score", "-m", model_dir, data["incoming"], "-o", out, "--batch-size", "64")
+    assert "3 scored" in r.stdout and "600 scored" in r.stdout and "rows/s" in r.stdout
+    det = VAEAnomalyDetector.load(model_dir)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["model"]["uri"] == str(model_dir.resolve())
+    for i in range(3):
+        src = data["incoming"] / f"part-{i}.parquet"
+        got = pd.read_parquet(out / f"part-{i}.scored.parquet")
+        rows = pd.read_parquet(src)
+        assert list(got.columns) == ["transaction_id"] + SCORE_COLS
+        assert got["transaction_id"].tolist() == rows["transaction_id"].tolist()
+        ref = det.explain(rows.drop(columns=["label"]))
+        np.testing.assert_allclose(got["anomaly_score"], ref["anomaly_score"], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got["kl"], ref["kl"], rtol=1e-5, atol=1e-4)
+        assert (got["is_anomaly"].to_numpy() == ref["is_anomaly"].to_numpy()).mean() > 0.99
+        assert (got["top_features"] == ref["top_features"]).mean() > 0.98
+        entry = manifest["files"][str(src.resolve())]
+        assert entry["status"] == "done" and entry["rows_in"] == entry["rows_out"] == 200
+        assert entry["flagged"] == int(got["is_anomaly"].sum())
+    # --keep all passes every input column through
+    run("-q", "score", "-m", model_dir, data["incoming"] / "part-0.parquet", "-o", tmp_path / "all", "--keep", "all")
+    cols = list(pd.read_parquet(tmp_path / "all" / "part-0.scored.parquet").columns)
+    assert cols == list(data["frame"].columns) + SCORE_COLS
+
+
+def test_resume_after_interrupted_run(data, model_dir, tmp_path):
+    out = tmp_path / "scored"
+    run("-q", "score", "-m", model_dir, data["incoming"], "-o", out)
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.scored.parquet")}
+    assert len(done) == 3
+    # simulate a run killed while writing part-1: its output and manifest entry are gone,
+    # a stale temporary file is left behind
+    (out / "part-1.scored.parquet").unlink()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    del manifest["files"][str((data["incoming"] / "part-1.parquet").resolve())]
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    (out / ".part-1.scored.parquet.tmp-0badc0de").write_bytes(b"half a parquet file")
+
+    r = run("score", "-m", model_dir, data["incoming"], "-o", out, "--resume")
+    assert "1 scored, 2 skipped" in r.stdout and "200 scored" in r.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.scored.parquet")}
+    assert after["part-0.scored.parquet"] == done["part-0.scored.parquet"]     # not rewritten
+    assert after["part-2.scored.parquet"] == done["part-2.scored.parquet"]
+    assert pd.read_parquet(out / "part-1.scored.parquet").shape[0] == 200
+    assert _leftovers(out) == []
+    files = json.loads((out / "_manifest.json").read_text())["files"]
+    assert len(files) == 3 and {e["status"] for e in files.values()} == {"done"}
+    # without --resume everything is scored again
+    run("-q", "score", "-m", model_dir, data["incoming"], "-o", out)
+    assert all(p.stat().st_mtime_ns != done.get(p.name) for p in out.glob("part-[02].scored.parquet"))
+
+
+def _bad_files(data, d: Path) -> dict[str, tuple[Path, list[str]]]:
+    rows = pd.read_parquet(data["incoming"] / "part-0.parquet")
+    strings = rows.copy()
+    strings["amount"] = strings["amount"].astype(str)
+    strings.loc[150, "amount"] = "n/a-amount"
+    strings.to_parquet(d / "strings.parquet", index=False)
+    rows.drop(columns=["channel"]).to_parquet(d / "nochannel.parquet", index=False)
+    (d / "corrupt.parquet").write_bytes(b"PAR1" + os.urandom(500))
+    return {"strings": (d / "strings.parquet", ["strings.parquet", "'amount'"]),
+            "missing": (d / "nochannel.parquet", ["nochannel.parquet", "'channel'"]),
+            "corrupt": (d / "corrupt.parquet", ["corrupt.parquet"])}
+
+
+@pytest.mark.parametrize("case", ["strings", "missing", "corrupt"])
+def test_bad_input_exit_2_one_line_no_output(case, data, model_dir, tmp_path):
+    src, must_name = _bad_files(data, tmp_path)[case]
+    out = tmp_path / "scored"
+    r = run("score", "-m", model_dir, src, "-o", out, "--batch-size", "64", ok=False)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert all(s in lines[0] for s in must_name), lines[0]
+    assert not list(out.glob("*.parquet")) and _leftovers(out) == []
+    entry = json.loads((out / "_manifest.json").read_text())["files"][str(src.resolve())]
+    assert entry["status"] == "failed" and entry["error"] in lines[0]
+
+
+def test_installed_entry_point_bad_input_and_quiet(data, model_dir, tmp_path):
+    """The console script itself: exit code 2 + one stderr line; --quiet success prints nothing."""
+    src, _ = _bad_files(data, tmp_path)["strings"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([str(ENTRY_POINT), "score", "-m", str(model_dir), str(src), "-o", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.count("\n") == 1 and "strings.parquet" in bad.stderr and "'amount'" in bad.stderr
+    assert not list((tmp_path / "o").glob("*.parquet"))
+    good = subprocess.run([str(ENTRY_POINT), "--quiet", "score", "-m", str(model_dir),
+                           str(data["incoming"] / "part-2.parquet"), "-o", str(tmp_path / "q")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert (good.returncode, good.stdout, good.stderr) == (0, "", "")
+    assert (tmp_path / "q" / "part-2.scored.parquet").is_file()
+
+
+def test_quiet_score_prints_nothing(data, model_dir, tmp_path):
+    r = run("--quiet", "score", "-m", model_dir, data["incoming"], "-o", tmp_path / "s")
+    assert r.output == ""
+    assert run("score", "-m", tmp_path / "no-such-model", data["incoming"], "-o", tmp_path / "s2",
+               ok=False).exit_code == 2
+
+
+def test_evaluate_sample_encode_local(data, model_dir, tmp_path):
+    from anomaly_vae import VAEAnomalyDetector
+    from anomaly_vae.evaluate import evaluate
+
+    r = run("evaluate", "-m", model_dir, data["incoming"], "--no-mlflow")
+    det = VAEAnomalyDetector.load(model_dir)
+    holdout = pd.concat([pd.read_parquet(p) for p in sorted(data["incoming"].glob("*.parquet"))], ignore_index=True)
+    expected = evaluate(det, holdout, label="label")
+    assert f"AUROC:     {expected['auroc']:.4f}" in r.stdout
+    assert f"FPR:       {expected['fpr']:.4f}" in r.stdout
+    assert run("evaluate", "-m", model_dir, data["incoming"], "--label", "nope", "--no-mlflow",
+               ok=False).exit_code == 2
+
+    run("-q", "sample", "-m", model_dir, "-n", "25", "--seed", "3", "-o", tmp_path / "synth.parquet")
+    synth = pd.read_parquet(tmp_path / "synth.parquet")
+    assert len(synth) == 25 and {"amount", "merchant_category", "channel"} <= set(synth.columns)
+
+    run("-q", "encode", "-m", model_dir, data["incoming"] / "part-0.parquet", "-o", tmp_path / "z.parquet",
+        "--batch-size", "50")
+    z = pd.read_parquet(tmp_path / "z.parquet")
+    k = det.config_.latent_dim
+    assert list(z.columns) == ["transaction_id"] + [f"z{j}" for j in range(k)] and len(z) == 200
+    rows = pd.read_parquet(data["incoming"] / "part-0.parquet")
+    np.testing.assert_allclose(z.iloc[:, 1:].to_numpy(), det.encode(rows), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ MLflow registry
+def test_train_register_promote_score_by_alias(data, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = run("-q", "--tracking-uri", uri, "--threads", "1", "train", data["train"], "--label", "label",
+            *EXCLUDE, "--epochs", "2", "--register", "cli-test", "-o", tmp_path / "m")
+    assert r.output == ""                                     # --quiet silences MLflow's chatter too
+    assert "cli-test v1" in run("--tracking-uri", uri, "models", "list", "cli-test").stdout
+    r = run("--tracking-uri", uri, "models", "promote", "cli-test", "1", "--alias", "champion")
+    assert "cli-test@champion -> version 1" in r.stdout
+    listing = run("--tracking-uri", uri, "models", "list", "cli-test").stdout
+    assert "@champion" in listing
+    bad = run("--tracking-uri", uri, "models", "promote", "cli-test", "9", ok=False)
+    assert bad.exit_code == 2 and "no version 9" in bad.stderr
+
+    out = tmp_path / "scored"
+    r = run("--tracking-uri", uri, "score", "-m", "models:/cli-test@champion", data["incoming"], "-o", out)
+    assert "cli-test v1" in r.stdout and "600 scored" in r.stdout
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["model"]["name"] == "cli-test" and manifest["model"]["version"] == 1
+    # same scores as the local model dir written by the same train command
+    run("-q", "score", "-m", tmp_path / "m", data["incoming"], "-o", tmp_path / "local")
+    a = pd.read_parquet(out / "part-0.scored.parquet")
+    b = pd.read_parquet(tmp_path / "local" / "part-0.scored.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+    r = run("--tracking-uri", uri, "evaluate", "-m", "models:/cli-test/1", data["incoming"])
+    assert "AUROC:" in r.stdout and "mlflow run:" in r.stdout
+    missing = run("--tracking-uri", uri, "score", "-m", "models:/cli-test@nope", data["incoming"], "-o",
+                  tmp_path / "x", ok=False)
+    assert missing.exit_code == 2 and "nope" in missing.stderr
+
+
+# ------------------------------------------------------------------ demo
+def test_demo_small_without_mlflow(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run("--threads", "1", "demo", "--rows", "3000", "--epochs", "2", "--no-mlflow")
+    out = r.stdout
+    assert "AUROC" in out and "FPR on normals" in out and "flagged rows" in out
+    scored = pd.read_parquet(tmp_path / "scored" / "demo" / "transactions_holdout.scored.parquet")
+    assert len(scored) == 900
+    assert f"flagged rows          {int(scored['is_anomaly'].sum()):,}" in out
+    assert (tmp_path / "models" / "demo" / "manifest.json").is_file()
+    # a second run reuses the data file
+    mtime = (tmp_path / "data" / "transactions.parquet").stat().st_mtime_ns
+    assert "reusing" in run("--threads", "1", "demo", "--rows", "3000", "--epochs", "1", "--no-mlflow").stdout
+    assert (tmp_path / "data" / "transactions.parquet").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_demo_with_mlflow_registers_champion(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    r = run("--threads", "1", "demo", "--rows", "3000", "--epochs", "2")
+    assert "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in r.stdout
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    listing = run("models", "list", "demo-transactions").stdout
+    assert "demo-transactions v1" in listing and "@champion" in listing

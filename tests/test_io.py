@@ -1,0 +1,246 @@
+"""anomaly_vae.io: input expansion, reading, streaming score_file, atomic writes, manifest."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from anomaly_vae import io
+from anomaly_vae.errors import AnomalyVAEError, DataError, SchemaMismatchError
+
+SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
+
+
+def _leftovers(d: Path) -> list[str]:
+    """Temporary files (hidden .tmp- names) left in a directory."""
+    return sorted(p.name for p in d.iterdir() if ".tmp-" in p.name) if d.exists() else []
+
+
+def _assert_matches_explain(det, out: pd.DataFrame, rows: pd.DataFrame) -> None:
+    ref = det.explain(rows)
+    assert len(out) == len(ref)
+    for c in ("anomaly_score", "recon_nll", "kl"):
+        np.testing.assert_allclose(out[c].to_numpy(), ref[c].to_numpy(), rtol=1e-5, atol=1e-4)
+    # p-values move by at most one calibration rank when a score sits on a calibration score
+    n_cal = len(det.calibration_scores_)
+    np.testing.assert_allclose(out["p_value"].to_numpy(), ref["p_value"].to_numpy(), atol=1.01 / (n_cal + 1))
+    assert (out["is_anomaly"].to_numpy() == ref["is_anomaly"].to_numpy()).mean() > 0.99
+    assert (out["top_features"].to_numpy() == ref["top_features"].to_numpy()).mean() > 0.98
+
+
+@pytest.fixture(scope="module")
+def scored_rows():
+    """Rows the model did not see in training (different seed), to avoid exact calibration ties."""
+    from conftest import mixed_frame
+    return mixed_frame(n=700, seed=7)
+
+
+# ------------------------------------------------------------------ inputs
+def test_expand_inputs_files_dirs_globs(tmp_path, frame):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("b.parquet", "a.parquet", "c.csv"):
+        (d / name).write_bytes(b"x")
+    (d / "_manifest.json").write_text("{}")
+    (d / ".a.parquet.tmp-1234").write_bytes(b"x")
+    (d / "notes.txt").write_text("x")
+    (d / "_skip.parquet").write_bytes(b"x")
+    assert [p.name for p in io.expand_inputs([d])] == ["a.parquet", "b.parquet", "c.csv"]
+    assert [p.name for p in io.expand_inputs([str(d / "*.parquet")])] == ["a.parquet", "b.parquet"]
+    # explicit file + the dir that holds it: no duplicates, order kept
+    assert [p.name for p in io.expand_inputs([d / "b.parquet", d])] == ["b.parquet", "a.parquet", "c.csv"]
+    with pytest.raises(DataError, match="nope.parquet: no such file"):
+        io.expand_inputs([d / "nope.parquet"])
+    with pytest.raises(DataError, match="matches no"):
+        io.expand_inputs([str(d / "*.orc")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="empty: directory has no"):
+        io.expand_inputs([empty])
+    with pytest.raises(DataError):
+        io.expand_inputs([])
+
+
+def test_read_table_parquet_csv_and_errors(tmp_path, frame):
+    small = frame.head(50)
+    small.to_parquet(tmp_path / "t.parquet", index=False)
+    small.to_csv(tmp_path / "t.csv", index=False)
+    back = io.read_table(tmp_path / "t.parquet")
+    pd.testing.assert_frame_equal(back, small, check_dtype=False)
+    csv = io.read_table(tmp_path / "t.csv")
+    assert list(csv.columns) == list(small.columns) and len(csv) == 50
+    np.testing.assert_allclose(csv["amount"], small["amount"])
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet: cannot read as parquet"):
+        io.read_table(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="missing.parquet: no such file"):
+        io.read_table(tmp_path / "missing.parquet")
+    with pytest.raises(DataError, match="columns differ"):
+        small.drop(columns=["x"]).to_parquet(tmp_path / "u.parquet", index=False)
+        io.read_tables([tmp_path / "t.parquet", tmp_path / "u.parquet"])
+
+
+def test_iter_batches_sizes_and_columns(tmp_path, frame):
+    frame.to_parquet(tmp_path / "f.parquet", index=False, row_group_size=400)
+    batches = list(io.iter_batches(tmp_path / "f.parquet", batch_size=256, columns=["amount", "cat"]))
+    assert max(b.num_rows for b in batches) <= 256
+    assert sum(b.num_rows for b in batches) == len(frame)
+    assert all(b.schema.names == ["amount", "cat"] for b in batches)
+    frame.head(300).to_csv(tmp_path / "f.csv", index=False)
+    csv_batches = list(io.iter_batches(tmp_path / "f.csv", batch_size=64))
+    assert sum(b.num_rows for b in csv_batches) == 300 and max(b.num_rows for b in csv_batches) <= 64
+    with pytest.raises(DataError):
+        list(io.iter_batches(tmp_path / "f.parquet", batch_size=0))
+
+
+# ------------------------------------------------------------------ score_file
+def test_score_file_matches_explain_and_streams(tmp_path, fitted, scored_rows):
+    src = tmp_path / "rows.parquet"
+    scored_rows.to_parquet(src, index=False)
+    seen = []
+    stats = io.score_file(fitted, src, tmp_path / "out" / "rows.scored.parquet", batch_size=128,
+                          progress=seen.append)
+    out_path = tmp_path / "out" / "rows.scored.parquet"
+    assert stats["rows_in"] == stats["rows_out"] == len(scored_rows) and stats["status"] == "done"
+    assert sum(seen) == len(scored_rows) and max(seen) <= 128
+    pf = pq.ParquetFile(out_path)
+    assert pf.metadata.num_row_groups == int(np.ceil(len(scored_rows) / 128))   # one per batch: streamed
+    out = pf.read().to_pandas()
+    assert list(out.columns) == ["row_id"] + SCORE_COLS            # ids pass through by default
+    assert out["row_id"].tolist() == scored_rows["row_id"].tolist()
+    assert stats["flagged"] == int(out["is_anomaly"].sum())
+    assert pf.schema_arrow.field("is_anomaly").type == pa.bool_()
+    _assert_matches_explain(fitted, out, scored_rows)
+    assert _leftovers(tmp_path / "out") == []
+
+
+def test_score_file_keep_all_csv_and_empty(tmp_path, fitted, scored_rows):
+    rows = scored_rows.head(200).assign(extra=np.arange(200), anomaly_score=-1.0)   # a clashing column
+    rows.to_parquet(tmp_path / "r.parquet", index=False)
+    io.score_file(fitted, tmp_path / "r.parquet", tmp_path / "r.out.parquet", keep="all", batch_size=64)
+    out = pd.read_parquet(tmp_path / "r.out.parquet")
+    expected = [c for c in rows.columns if c != "anomaly_score"] + SCORE_COLS
+    assert list(out.columns) == expected
+    assert (out["extra"].to_numpy() == np.arange(200)).all() and (out["anomaly_score"] > 0).all()
+
+    rows.drop(columns=["anomaly_score"]).to_csv(tmp_path / "r.csv", index=False)
+    io.score_file(fitted, tmp_path / "r.csv", tmp_path / "c.out.parquet", batch_size=64)
+    csv_out = pd.read_parquet(tmp_path / "c.out.parquet")
+    np.testing.assert_allclose(csv_out["anomaly_score"], out["anomaly_score"], rtol=1e-5)
+
+    rows.head(0).to_parquet(tmp_path / "empty.parquet", index=False)
+    stats = io.score_file(fitted, tmp_path / "empty.parquet", tmp_path / "e.out.parquet")
+    assert stats["rows_out"] == 0
+    empty = pq.read_table(tmp_path / "e.out.parquet")
+    assert empty.num_rows == 0 and empty.schema.names == ["row_id"] + SCORE_COLS
+    with pytest.raises(DataError, match="keep must be"):
+        io.score_file(fitted, tmp_path / "r.parquet", tmp_path / "x.parquet", keep="some")
+
+
+def test_score_file_bad_value_midstream_leaves_old_output(tmp_path, fitted, scored_rows):
+    bad = scored_rows.head(400).copy()
+    bad["amount"] = bad["amount"].astype(str)
+    bad.loc[350, "amount"] = "twelve"                  # in the 3rd batch: two batches already written
+    bad.to_parquet(tmp_path / "bad.parquet", index=False)
+    dst = tmp_path / "out" / "bad.scored.parquet"
+    dst.parent.mkdir()
+    dst.write_bytes(b"previous complete output")
+    with pytest.raises(SchemaMismatchError) as err:
+        io.score_file(fitted, tmp_path / "bad.parquet", dst, batch_size=150)
+    msg = str(err.value)
+    assert "bad.parquet" in msg and "'amount'" in msg and "twelve" in msg and "\n" not in msg
+    assert dst.read_bytes() == b"previous complete output"           # untouched
+    assert _leftovers(dst.parent) == []
+
+
+def test_score_file_missing_column_and_corrupt(tmp_path, fitted, scored_rows):
+    scored_rows.drop(columns=["cat"]).to_parquet(tmp_path / "nocat.parquet", index=False)
+    with pytest.raises(SchemaMismatchError, match=r"nocat\.parquet: missing required column\(s\) \['cat'\]"):
+        io.score_file(fitted, tmp_path / "nocat.parquet", tmp_path / "o" / "nocat.parquet")
+    good = tmp_path / "good.parquet"
+    scored_rows.to_parquet(good, index=False, row_group_size=100)
+    raw = bytearray(good.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 2000] = os.urandom(2000)                 # footer intact, data pages garbled
+    (tmp_path / "corrupt.parquet").write_bytes(bytes(raw))
+    with pytest.raises(AnomalyVAEError, match=r"corrupt\.parquet"):
+        io.score_file(fitted, tmp_path / "corrupt.parquet", tmp_path / "o" / "corrupt.parquet", batch_size=50)
+    assert not (tmp_path / "o").exists() or sorted(os.listdir(tmp_path / "o")) == []
+
+
+# ------------------------------------------------------------------ many files + manifest
+def test_score_files_manifest_and_resume(tmp_path, fitted, scored_rows):
+    ind = tmp_path / "in"
+    ind.mkdir()
+    for i in range(3):
+        scored_rows.iloc[i * 200:(i + 1) * 200].to_parquet(ind / f"part-{i}.parquet", index=False)
+    out = tmp_path / "out"
+    inputs = io.expand_inputs([ind])
+    info = {"uri": "models:/m/1", "name": "m", "version": 1, "run_id": "r"}
+    res = io.score_files(fitted, inputs, out, model_info=info, batch_size=64)
+    assert res["summary"] == {**res["summary"], "files": 3, "scored": 3, "skipped": 0, "rows": 600}
+    man = json.loads((out / io.MANIFEST).read_text())
+    assert man["model"] == info and man["format"] == io.MANIFEST_FORMAT
+    assert {e["status"] for e in man["files"].values()} == {"done"}
+    assert sum(e["rows_out"] for e in man["files"].values()) == 600
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.scored.parquet")}
+    # an input that changed since it was scored is not "done" any more
+    key = str((ind / "part-2.parquet").resolve())
+    assert io.is_done(man["files"][key], ind / "part-2.parquet")
+    scored_rows.iloc[400:450].to_parquet(ind / "part-2.parquet", index=False)
+    assert not io.is_done(man["files"][key], ind / "part-2.parquet")
+    res = io.score_files(fitted, inputs, out, model_info=info, resume=True)
+    assert (res["summary"]["scored"], res["summary"]["skipped"]) == (1, 2)
+    assert pq.read_metadata(out / "part-2.scored.parquet").num_rows == 50
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-[01].scored.parquet")} == \
+        {k: v for k, v in mtimes.items() if k != "part-2.scored.parquet"}
+
+    other = {**info, "uri": "models:/m/2", "version": 2}
+    with pytest.raises(DataError, match="written by model models:/m/1"):
+        io.score_files(fitted, inputs, out, model_info=other, resume=True)
+    with pytest.raises(DataError, match="same output file"):
+        (tmp_path / "again").mkdir()
+        scored_rows.head(5).to_parquet(tmp_path / "again" / "part-0.parquet", index=False)
+        io.score_files(fitted, inputs + [tmp_path / "again" / "part-0.parquet"], out)
+
+
+def test_manifest_unreadable_and_atomic(tmp_path):
+    assert io.read_manifest(tmp_path) is None
+    io.write_manifest(tmp_path, {"format": io.MANIFEST_FORMAT, "files": {}})
+    assert io.read_manifest(tmp_path)["format"] == io.MANIFEST_FORMAT
+    assert _leftovers(tmp_path) == []
+    (tmp_path / io.MANIFEST).write_text("{ truncated")
+    with pytest.raises(DataError, match="unreadable manifest"):
+        io.read_manifest(tmp_path)
+
+
+def test_encode_files_and_write_frame(tmp_path, fitted, scored_rows):
+    scored_rows.head(300).to_parquet(tmp_path / "a.parquet", index=False)
+    scored_rows.iloc[300:400].to_parquet(tmp_path / "b.parquet", index=False)
+    n = io.encode_files(fitted, [tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "z.parquet",
+                        batch_size=128)
+    z = pd.read_parquet(tmp_path / "z.parquet")
+    k = fitted.config_.latent_dim
+    assert n == 400 and list(z.columns) == ["row_id"] + [f"z{j}" for j in range(k)]
+    ref = io._latent_means(fitted, scored_rows.head(400))
+    np.testing.assert_allclose(z[[f"z{j}" for j in range(k)]].to_numpy(), ref, rtol=1e-4, atol=1e-5)
+    io.write_frame(pd.DataFrame({"a": [1, 2]}), tmp_path / "w.csv")
+    assert (tmp_path / "w.csv").read_text().splitlines() == ["a", "1", "2"]
+
+
+def test_csv_bad_value_names_file_and_column(tmp_path, fitted, scored_rows):
+    rows = scored_rows.head(300).copy()
+    rows["x"] = rows["x"].astype(object)
+    rows.loc[290, "x"] = "not-a-number"
+    rows.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(AnomalyVAEError) as err:
+        io.score_file(fitted, tmp_path / "bad.csv", tmp_path / "o" / "bad.parquet", batch_size=50)
+    assert "bad.csv" in str(err.value) and "'x'" in str(err.value)
+    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
