@@ -2,7 +2,6 @@
 __version__ = "0.1.0"
 
 from .config import Config
-from .detector import VAEAnomalyDetector
 from .errors import (AnomalyVAEError, ConfigError, DataError, ModelFormatError,
                      ModelNotFoundError, SchemaMismatchError)
 from .schema import Schema, infer_schema
@@ -10,3 +9,11 @@ from .schema import Schema, infer_schema
 __all__ = ["VAEAnomalyDetector", "Config", "Schema", "infer_schema", "AnomalyVAEError",
            "ConfigError", "DataError", "SchemaMismatchError", "ModelNotFoundError",
            "ModelFormatError", "__version__"]
+
+
+def __getattr__(name: str):
+    # torch is imported on first use of the detector, so `anomaly-vae --help` stays fast
+    if name == "VAEAnomalyDetector":
+        from .detector import VAEAnomalyDetector
+        return VAEAnomalyDetector
+    raise AttributeError(f"module 'anomaly_vae' has no attribute {name!r}")

@@ -575,5 +575,12 @@ def _ui_uri(uri: str | None) -> str:
     return "sqlite:///mlruns/mlflow.db" if uri == default else str(uri)
 
 
+def _add_retrain() -> None:
+    from pipelines.retrain import retrain_command   # scheduled retraining lives in pipelines/
+    main.add_command(retrain_command, name="retrain")
+
+
+_add_retrain()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

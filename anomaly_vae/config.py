@@ -19,7 +19,7 @@ class Config:
     latent_dim: int | None = None
     hidden: tuple[int, ...] | None = None
     var_floor: float = 1e-2           # lower bound on a numeric feature's decoded variance
-    heteroscedastic: bool = True      # decoder variance depends on z (else one per feature)
+    heteroscedastic: bool = False     # decoder variance depends on z (True) or is one per feature
     dropout: float = 0.0
     # objective
     beta: float = 1.0
@@ -35,7 +35,7 @@ class Config:
     patience: int = 15
     grad_clip: float = 5.0
     # preprocessing
-    numeric_transform: str = "yeo-johnson"
+    numeric_transform: str = "standard"
     max_categories: int = 64
     min_category_count: int = 5
     # scoring / calibration

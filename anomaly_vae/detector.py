@@ -37,11 +37,11 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
 
     def __init__(self, *, latent_dim: int | None = None, hidden: tuple[int, ...] | None = None,
                  beta: float = 1.0, kl_warmup: float = 0.25, free_bits: float = 0.0,
-                 input_noise: float = 0.0, var_floor: float = 1e-2, heteroscedastic: bool = True,
+                 input_noise: float = 0.0, var_floor: float = 1e-2, heteroscedastic: bool = False,
                  dropout: float = 0.0,
                  lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int | None = None,
                  max_epochs: int | None = None, step_budget: int = 4000, patience: int = 15,
-                 grad_clip: float = 5.0, numeric_transform: str = "yeo-johnson",
+                 grad_clip: float = 5.0, numeric_transform: str = "standard",
                  max_categories: int = 64, min_category_count: int = 5, score_method: str = "elbo",
                  n_importance_samples: int = 16, target_fpr: float = 0.01,
                  contamination: float | None = None, calibration_fraction: float = 0.15,

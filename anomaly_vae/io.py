@@ -324,8 +324,7 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
                 msg = str(exc).removeprefix("input: ")
                 raise type(exc)(f"{src} (rows {start:,}-{start + n - 1:,}): {msg}") from exc
             arrays = [_conform(batch.column(c), out_schema.field(c).type) for c in passthrough]
-            arrays += [pa.array(table[f.name].to_numpy(), type=f.type) if f.name != "top_features"
-                       else pa.array(table[f.name].tolist(), type=f.type) for f in SCORE_FIELDS]
+            arrays += [pa.array(table[f.name], type=f.type, from_pandas=True) for f in SCORE_FIELDS]
             counts["rows"] += n
             counts["flagged"] += int(np.count_nonzero(table["is_anomaly"].to_numpy()))
             if progress is not None:

@@ -35,7 +35,8 @@ def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
 class VAE(nn.Module):
     """Encoder -> (mu, logvar) -> z -> decoder -> per-dim likelihood parameters.
 
-    Numeric dims: heteroscedastic Gaussian (mean, variance >= var_floor); missing-indicator
+    Numeric dims: Gaussian (mean from z; variance >= var_floor, learned per feature or, with
+    heteroscedastic=True, from z); missing-indicator
     dims: Bernoulli logit; one-hot blocks: categorical logits. The layout (which dim is which)
     comes from the fitted Preprocessor and is stored as buffers so it is saved with the weights.
     """
@@ -43,7 +44,7 @@ class VAE(nn.Module):
     def __init__(self, n_dims: int, numeric_dims: np.ndarray, indicator_dims: np.ndarray,
                  categorical_spans: list[tuple[int, int]], numeric_indicator: np.ndarray,
                  hidden: tuple[int, ...] = (64, 32), latent_dim: int = 8, var_floor: float = 1e-2,
-                 dropout: float = 0.0, heteroscedastic: bool = True) -> None:
+                 dropout: float = 0.0, heteroscedastic: bool = False) -> None:
         super().__init__()
         self.n_dims, self.latent_dim, self.var_floor = n_dims, latent_dim, var_floor
         self.heteroscedastic = heteroscedastic

@@ -40,7 +40,7 @@ class Span:
 class Preprocessor:
     """Fit on training rows only; `encode` turns a validated frame into X."""
 
-    def __init__(self, numeric_transform: str = "yeo-johnson", max_categories: int = 64,
+    def __init__(self, numeric_transform: str = "standard", max_categories: int = 64,
                  min_category_count: int = 5) -> None:
         self.numeric_transform = numeric_transform
         self.max_categories = max_categories
@@ -90,7 +90,10 @@ class Preprocessor:
             p["quantiles"] = qt.quantiles_[:, 0].tolist()
             p["references"] = qt.references_.tolist()
         t = _transform(v, p)
-        p["mean"], p["std"] = float(t.mean()), float(t.std()) or 1.0
+        if self.numeric_transform == "robust":     # median / IQR scale is the standardisation
+            p["mean"], p["std"] = 0.0, 1.0
+        else:
+            p["mean"], p["std"] = float(t.mean()), float(t.std()) or 1.0
         return p
 
     def _fit_categorical(self, kind: str, s: pd.Series) -> dict[str, Any]:

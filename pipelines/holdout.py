@@ -2,12 +2,13 @@
 champion's schema, score models on the shared holdout, compare them, and measure drift."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from anomaly_vae import VAEAnomalyDetector
+if TYPE_CHECKING:
+    from anomaly_vae.detector import VAEAnomalyDetector
 from anomaly_vae.drift import DEFAULT_ALERT, drift_table, score_psi
 from anomaly_vae.errors import DataError
 from anomaly_vae.evaluate import evaluate_scores, labels_from

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, Sequence
 import click
 import pandas as pd
 
-from anomaly_vae import VAEAnomalyDetector, __version__
+from anomaly_vae import __version__
 from anomaly_vae.drift import DEFAULT_ALERT, psi_plot
 from anomaly_vae.errors import AnomalyVAEError
 from pipelines.gates import (DEFAULT_FPR_BAND, DEFAULT_MAX_SCORE_PSI, DEFAULT_TARGET_FPR,
@@ -186,6 +186,7 @@ def _retrain(client: Any, run_id: str, name: str, parts: Sequence[Partition],
     log.info("window %s..%s: %s train rows, %s holdout rows (%s)", parts[0].label, parts[-1].label,
              f"{len(train_df):,}", f"{len(holdout_df):,}", how)
 
+    from anomaly_vae.detector import VAEAnomalyDetector
     candidate = VAEAnomalyDetector(label=label, exclude=tuple(exclude) or None, max_epochs=epochs,
                                    target_fpr=target_fpr, random_state=seed, n_threads=threads)
     candidate.fit(train_df)

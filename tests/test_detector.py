@@ -112,7 +112,8 @@ def test_encode_and_sample(fitted, frame):
     assert Z.shape == (10, fitted.config_.latent_dim)
     synth = fitted.sample(200, seed=0)
     assert set(synth["cat"]) <= set(fitted.preprocessor_.params["cat"]["vocab"])
-    assert synth["amount"].median() == pytest.approx(frame["amount"].median(), rel=0.5)
+    lo, hi = frame["amount"].quantile([0.25, 0.75])
+    assert lo <= synth["amount"].median() <= hi       # synthetic rows look like training rows
 
 
 def test_too_few_rows_is_a_data_error():

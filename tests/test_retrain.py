@@ -353,7 +353,7 @@ def test_e2e_rollback_with_models_promote(env, first):
 def test_e2e_internal_error_marks_the_run_failed(env, first, monkeypatch):
     def broken_fit(self, X, y=None):
         raise RuntimeError("injected failure")
-    monkeypatch.setattr("pipelines.retrain.VAEAnomalyDetector.fit", broken_fit)
+    monkeypatch.setattr("anomaly_vae.detector.VAEAnomalyDetector.fit", broken_fit)
     champion = aliases(env)["champion"]
     r = CliRunner().invoke(retrain_command, ["payments", str(env["data"]), *FIRST_WINDOW, "--force",
                                              *env["common"]])

@@ -34,4 +34,5 @@ def test_scores_decompose_into_columns_plus_kl():
 
 def test_top_features_orders_and_drops_non_positive():
     contrib = np.array([[0.5, 3.0, -1.0], [-1.0, -2.0, -3.0]])
-    assert S.top_features(contrib, ["a", "b", "c"], k=3) == ["b:+3.00;a:+0.50", ""]
+    assert S.top_features(contrib, ["a", "b", "c"], k=3).tolist() == ["b:+3.00;a:+0.50", ""]
+    assert S.top_features(np.array([[12.346, 0.004, 7.0]]), ["a", "b", "c"], k=2).tolist() == ["a:+12.35;c:+7.00"]
