@@ -562,10 +562,10 @@ def demo(state: State, rows: int, data_dir: str, model_dir: str, scored_dir: str
         state.echo(f"MLflow: run {run.run_id}; registered {register} version {run.version} as @champion")
         state.echo("next:")
         state.echo(f"  mlflow ui --backend-store-uri {_ui_uri(state.resolved_uri)}   (or: make ui)")
-        state.echo(f"  anomaly-vae score -m models:/{register}@champion {test_path} -o scored/")
+        state.echo(f"  anomaly-vae score -m models:/{register}@champion {test_path} -o scored/demo")
     else:
         state.echo("next:")
-        state.echo(f"  anomaly-vae score -m {model_dir} {test_path} -o scored/")
+        state.echo(f"  anomaly-vae score -m {model_dir} {test_path} -o scored/demo")
     state.echo(f"(demo took {time.perf_counter() - t_start:.0f} s)")
 
 

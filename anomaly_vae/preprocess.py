@@ -270,7 +270,7 @@ def _datetime_parts(s: pd.Series) -> np.ndarray:
     """Timestamps -> (n, 4) sin/cos of hour-of-day and day-of-week; NaT -> zeros."""
     dt = s.dt
     hour = (dt.hour + dt.minute / 60.0).to_numpy("float64", na_value=np.nan) / 24.0
-    dow = dt.dayofweek.to_numpy("float64", na_value=np.nan) / 7.0
+    dow = dt.day_of_week.to_numpy("float64", na_value=np.nan) / 7.0
     ang = 2 * np.pi * np.stack([hour, dow], axis=1)
     parts = np.empty((len(s), 4), dtype=np.float64)
     parts[:, 0::2], parts[:, 1::2] = np.sin(ang), np.cos(ang)
@@ -287,8 +287,8 @@ def _category_codes(values: pd.Series, vocab: list[str]) -> np.ndarray:
     """Strings -> indices into vocab; null -> <null> (or <unk>), unseen -> <unk>."""
     unk = len(vocab) - 1
     null = vocab.index(NULL) if NULL in vocab else unk
-    codes = pd.Categorical(values, categories=vocab[:-1]).codes.astype(np.int64)
     isna = values.isna().to_numpy()
+    codes = pd.Index(vocab[:-1]).get_indexer(values.fillna(UNK)).astype(np.int64)
     codes[codes < 0] = unk
     codes[isna] = null
     return codes

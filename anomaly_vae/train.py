@@ -132,5 +132,5 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
     vae.eval()
     hist.seconds = time.perf_counter() - t0
     log.info("trained %d epochs in %.1fs (best epoch %d, val loss %.4f, active units %d/%d)",
-             len(hist.loss), hist.seconds, hist.best_epoch, best, hist.active_units[-1], vae.latent_dim)
+             len(hist.loss), hist.seconds, hist.best_epoch + 1, best, hist.active_units[-1], vae.latent_dim)
     return hist

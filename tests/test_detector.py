@@ -31,7 +31,7 @@ def test_explain_table_contributions_sum_to_score(fitted, frame):
     assert list(tab.columns) == ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
     np.testing.assert_allclose(tab.recon_nll + tab.kl, tab.anomaly_score, rtol=1e-6)
     contrib = fitted.contributions(frame.head(50))
-    np.testing.assert_allclose(contrib.sum(1) + fitted.column_median_.sum() + tab.kl, tab.anomaly_score,
+    np.testing.assert_allclose(contrib.sum(axis=1) + fitted.column_median_.sum() + tab.kl, tab.anomaly_score,
                                rtol=1e-5)
     assert ((tab.p_value > 0) & (tab.p_value <= 1)).all()
 
