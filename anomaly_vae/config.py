@@ -107,7 +107,7 @@ class Config:
         """Fill data-dependent defaults (documented rule, the same for every dataset).
 
         - hidden: two layers, width clip(2 * n_features, 64, 256) then half of it
-        - latent_dim: clip(n_features // 4, 4, 16)
+        - latent_dim: clip(n_features // 4, 8, 16)
         - batch_size: clip(n_rows // 32, 32, 256)
         - max_epochs: enough epochs for ~step_budget optimiser steps, clipped to [20, 400]
         """
@@ -115,7 +115,7 @@ class Config:
 
         width = int(min(max(2 * n_features, 64), 256))
         hidden = self.hidden or (width, max(width // 2, 32))
-        latent = self.latent_dim or int(min(max(n_features // 4, 4), 16))
+        latent = self.latent_dim or int(min(max(n_features // 4, 8), 16))
         batch = self.batch_size or int(min(max(n_rows // 32, 32), 256))
         steps_per_epoch = max(1, math.ceil(n_rows / batch))
         epochs = self.max_epochs or int(min(max(math.ceil(self.step_budget / steps_per_epoch), 20), 400))
