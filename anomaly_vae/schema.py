@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-import numpy as np
 import pandas as pd
 
 from .errors import DataError, SchemaMismatchError

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,26 @@ def adbench_dir() -> Path:
         pytest.skip(f"ADBench datasets not found at {path} (they live in ../shared/datasets, "
                     "which a fresh clone does not have)")
     return path
+
+
+@pytest.fixture(scope="session")
+def new_mlflow_store(tmp_path_factory):
+    """Factory: a real, empty MLflow SQLite store at <root>/mlruns/mlflow.db; returns its URI.
+
+    Creating the tables runs ~8 s of migrations, so the first store of the session is kept as a
+    template and copied for later ones (each test module still gets its own store).
+    """
+    from mlflow.tracking import MlflowClient
+
+    template = tmp_path_factory.getbasetemp() / "mlflow-empty-store.db"
+
+    def make(root: Path) -> str:
+        if not template.exists():
+            build = tmp_path_factory.mktemp("mlflow-template")
+            MlflowClient(f"sqlite:///{build}/mlflow.db").search_experiments()
+            shutil.copy(build / "mlflow.db", template)
+        (root / "mlruns").mkdir(parents=True, exist_ok=True)
+        shutil.copy(template, root / "mlruns" / "mlflow.db")
+        return f"sqlite:///{root}/mlruns/mlflow.db"
+
+    return make

@@ -1,4 +1,3 @@
-import numpy as np
 
 from anomaly_vae.demo import make_transactions
 

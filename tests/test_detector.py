@@ -1,10 +1,9 @@
-import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly_vae import (DataError, ModelFormatError, ModelNotFoundError, SchemaMismatchError,
+from anomaly_vae import (DataError, SchemaMismatchError,
                          VAEAnomalyDetector)
 from conftest import FAST, mixed_frame
 

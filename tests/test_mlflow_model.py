@@ -3,7 +3,6 @@ exactly what the detector's explain() returns."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,25 +20,13 @@ NAME = "pyfunc-test"
 SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
 
 
-def new_store(root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Real empty SQLite store at root/mlruns/mlflow.db (migrated once per session, then copied)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-empty-store.db"
-    if not template.exists():
-        build = tmp_path_factory.mktemp("mlflow-template")
-        MlflowClient(f"sqlite:///{build}/mlflow.db").search_experiments()
-        shutil.copy(build / "mlflow.db", template)
-    (root / "mlruns").mkdir(parents=True, exist_ok=True)
-    shutil.copy(template, root / "mlruns" / "mlflow.db")
-    return f"sqlite:///{root}/mlruns/mlflow.db"
-
-
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory):
+def champion(tmp_path_factory, new_mlflow_store):
     root = tmp_path_factory.mktemp("pyfunc")
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        uri = T.configure(new_store(root, tmp_path_factory))
+        uri = T.configure(new_mlflow_store(root))
         df = make_transactions(1200, fraud_rate=0.03, seed=2)
         train, test = df.iloc[:900].reset_index(drop=True), df.iloc[900:].reset_index(drop=True)
         det = VAEAnomalyDetector(max_epochs=3, random_state=0, n_threads=1, label="label",

@@ -1,7 +1,6 @@
 """Detection quality checks on the demo data and, when present, one real ADBench dataset."""
 import numpy as np
 import pandas as pd
-import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomaly_vae import VAEAnomalyDetector

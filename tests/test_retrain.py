@@ -292,7 +292,7 @@ def test_e2e_flipped_labels_are_kept_out_by_the_gates(env, first):
     champion = aliases(env)["champion"]
     r = invoke(env, "--days", "8")
     assert r.exit_code == 0
-    assert r.stdout.startswith(f"decision=kept model=payments candidate=v")
+    assert r.stdout.startswith("decision=kept model=payments candidate=v")
     assert f"champion=v{champion} " in r.stdout.splitlines()[0]
     assert "outside [0.0000, 0.0200]" in r.stdout and "AUPRC" in r.stdout
     after = aliases(env)

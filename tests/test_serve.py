@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from anomaly_vae import VAEAnomalyDetector
 from anomaly_vae import tracking as T
@@ -27,18 +25,6 @@ pytestmark = pytest.mark.serve
 
 NAME = "serve-test"
 STARTUP_TIMEOUT_S = 90
-
-
-def new_store(root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Real empty SQLite store at root/mlruns/mlflow.db (migrated once per session, then copied)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-empty-store.db"
-    if not template.exists():
-        build = tmp_path_factory.mktemp("mlflow-template")
-        MlflowClient(f"sqlite:///{build}/mlflow.db").search_experiments()
-        shutil.copy(build / "mlflow.db", template)
-    (root / "mlruns").mkdir(parents=True, exist_ok=True)
-    shutil.copy(template, root / "mlruns" / "mlflow.db")
-    return f"sqlite:///{root}/mlruns/mlflow.db"
 
 
 def free_port() -> int:
@@ -66,7 +52,7 @@ def split_payload(df: pd.DataFrame) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, new_mlflow_store):
     root = tmp_path_factory.mktemp("serve")
     port = free_port()
     cwd = os.getcwd()
@@ -74,7 +60,7 @@ def server(tmp_path_factory):
     proc = None
     log_path = root / "server.log"
     try:
-        uri = T.configure(new_store(root, tmp_path_factory))
+        uri = T.configure(new_mlflow_store(root))
         df = make_transactions(1000, fraud_rate=0.03, seed=4)
         train, test = df.iloc[:800].reset_index(drop=True), df.iloc[800:].reset_index(drop=True)
         det = VAEAnomalyDetector(max_epochs=3, random_state=0, n_threads=1, label="label",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,30 +22,14 @@ HISTORY_KEYS = ("loss", "recon_nll", "kl", "beta", "val_loss", "active_units")
 NAME = "payments-test"
 
 
-def new_store(root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real, empty MLflow SQLite store at root/mlruns/mlflow.db.
-
-    Creating the tables runs ~8 s of migrations, so the first store of the session is kept as a
-    template under the session's base temp dir and copied for later ones.
-    """
-    template = tmp_path_factory.getbasetemp() / "mlflow-empty-store.db"
-    if not template.exists():
-        build = tmp_path_factory.mktemp("mlflow-template")
-        MlflowClient(f"sqlite:///{build}/mlflow.db").search_experiments()
-        shutil.copy(build / "mlflow.db", template)
-    (root / "mlruns").mkdir(parents=True, exist_ok=True)
-    shutil.copy(template, root / "mlruns" / "mlflow.db")
-    return f"sqlite:///{root}/mlruns/mlflow.db"
-
-
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
+def logged(tmp_path_factory, new_mlflow_store):
     """Train a tiny detector, log it (with eval data), register twice, set aliases."""
     root = tmp_path_factory.mktemp("tracking")
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        uri = T.configure(new_store(root, tmp_path_factory))
+        uri = T.configure(new_mlflow_store(root))
         df = make_transactions(1500, fraud_rate=0.03, seed=1)
         train, test = df.iloc[:1100].reset_index(drop=True), df.iloc[1100:].reset_index(drop=True)
         det = VAEAnomalyDetector(max_epochs=3, random_state=0, n_threads=1, label="label",
