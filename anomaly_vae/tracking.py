@@ -19,12 +19,12 @@ import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple
 
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
@@ -99,6 +99,26 @@ def _ensure_configured(tracking_uri: str | None = None) -> str:
     if tracking_uri is not None or "uri" not in _configured:
         return configure(tracking_uri)
     return _configured["uri"]
+
+
+@contextmanager
+def preserve_configuration() -> Iterator[None]:
+    """Context manager: on exit, put back the store chosen by `configure` and MLflow's tracking
+    and registry URIs as they were on entry (with no store configured on entry: env
+    ``MLFLOW_TRACKING_URI`` as it was then, else MLflow's default).
+
+    For tests and scripts that `configure` another store for a while.
+    """
+    saved = dict(_configured)
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        _configured.clear()
+        _configured.update(saved)
+        uri = saved.get("uri") or env_uri or None
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -362,6 +382,88 @@ def log_run(run_name: str, *, params: dict[str, Any] | None = None, metrics: dic
     return run.info.run_id
 
 
+# ------------------------------------------------ runs kept open by explicit id
+class RunSummary(NamedTuple):
+    """A run found by `find_runs`: id, status (RUNNING, FINISHED, FAILED, KILLED) and tags."""
+
+    run_id: str
+    status: str
+    tags: dict[str, str]
+
+
+def create_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
+               params: Mapping[str, Any] | None = None) -> str:
+    """Create a run (status RUNNING) in `experiment` (created if missing); returns its id.
+
+    Unlike `log_run` the run is not made the active run and stays open until `end_run`, so
+    other runs (e.g. `log_training_run`) can start and end meanwhile. Write to it with
+    `set_run_tags`, `log_metrics`, `log_text`, `log_json`, `log_table` and `log_figure`.
+    """
+    _ensure_configured()
+    client = MlflowClient()
+    run = client.create_run(_experiment_id(client, experiment), run_name=run_name, tags=dict(tags or {}))
+    if params:
+        client.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    """End run `run_id` with `status` (FINISHED, FAILED or KILLED)."""
+    _ensure_configured()
+    MlflowClient().set_terminated(run_id, status)
+
+
+def find_runs(experiment: str, tags: Mapping[str, str], *, max_results: int = 50) -> list[RunSummary]:
+    """Runs of `experiment` (created if missing) whose tags equal all of `tags`, newest first."""
+    _ensure_configured()
+    client = MlflowClient()
+    where = " and ".join(f"tags.`{k}` = '{_quote(str(v))}'" for k, v in tags.items())
+    runs = client.search_runs([_experiment_id(client, experiment)], filter_string=where,
+                              order_by=["attributes.start_time DESC"], max_results=max_results)
+    return [RunSummary(r.info.run_id, r.info.status, dict(r.data.tags)) for r in runs]
+
+
+def set_run_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set tags on run `run_id`; None values are skipped."""
+    _ensure_configured()
+    run_tags = [RunTag(k, _param_value(v)) for k, v in tags.items() if v is not None]
+    if run_tags:
+        MlflowClient().log_batch(run_id, tags=run_tags)
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float | None]) -> None:
+    """Log `metrics` to run `run_id` at step 0 with one timestamp; None values are skipped."""
+    _ensure_configured()
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+    if batch:
+        MlflowClient().log_batch(run_id, metrics=batch)
+
+
+def log_text(run_id: str, text: str, path: str) -> None:
+    """Save `text` as artifact `path` (e.g. ``comparison.csv``) of run `run_id`."""
+    _ensure_configured()
+    MlflowClient().log_text(run_id, text, path)
+
+
+def log_json(run_id: str, obj: Any, path: str) -> None:
+    """Save JSON-serialisable `obj` as artifact `path` (``window.json``) of run `run_id`."""
+    _ensure_configured()
+    MlflowClient().log_dict(run_id, obj, path)
+
+
+def log_table(run_id: str, table: pd.DataFrame, path: str) -> None:
+    """Save `table` as an MLflow table artifact `path` (``*.json``, shown in the UI) of run `run_id`."""
+    _ensure_configured()
+    MlflowClient().log_table(run_id, table, path)
+
+
+def log_figure(run_id: str, figure: Any, path: str) -> None:
+    """Save a matplotlib `figure` as image artifact `path` (``*.png``) of run `run_id`."""
+    _ensure_configured()
+    MlflowClient().log_figure(run_id, figure, path)
+
+
 # ------------------------------------------------------------- registry
 def _not_found(exc: MlflowException) -> bool:
     return exc.error_code in _NOT_FOUND_CODES or "not found" in str(exc).lower() \
@@ -402,6 +504,15 @@ def set_alias(name: str, version: int, alias: str) -> None:
         if _not_found(exc):
             raise ModelNotFoundError(f"registered model '{name}' version {version} not found") from exc
         raise
+
+
+def set_version_tags(name: str, version: int, tags: Mapping[str, Any]) -> None:
+    """Set tags on version `version` of registered model `name`; None values are skipped."""
+    _ensure_configured()
+    client = MlflowClient()
+    for k, v in tags.items():
+        if v is not None:
+            client.set_model_version_tag(name, str(version), k, _param_value(v))
 
 
 def get_alias_version(name: str, alias: str) -> int | None:

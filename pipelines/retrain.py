@@ -100,8 +100,6 @@ def run_retrain(name: str, data: Sequence[str], *, days: int | None = None, file
     returns decision "refused" with exit_code 2. Any other exception is a bug (exit 1); the
     decision run is then marked FAILED with an ``error`` tag.
     """
-    from mlflow.tracking import MlflowClient
-
     from anomaly_vae import tracking
     from pipelines import record
 
@@ -122,9 +120,7 @@ def run_retrain(name: str, data: Sequence[str], *, days: int | None = None, file
     base = {"name": name, "window_key": key, "window": labels}
 
     with run_lock(lock_path, wait=wait, timeout=wait_timeout):
-        client = MlflowClient()
-        exp_id = record.experiment_id(client, experiment, uri)
-        prior = None if force else record.find_processed(client, exp_id, name, key)
+        prior = None if force else record.find_processed(experiment, name, key)
         if prior is not None:
             champ = tracking.get_alias_version(name, "champion")
             return RetrainResult(
@@ -138,11 +134,11 @@ def run_retrain(name: str, data: Sequence[str], *, days: int | None = None, file
                     "window_files": str(len(parts))}
         params = {**config, "data": list(map(str, data)), "days": days, "files": files,
                   "end_date": end_date, "psi_alert": psi_alert, "force": force}
-        run_id = record.start(client, exp_id, name=name, key=key, run_name=run_name, tags=run_tags,
+        run_id = record.start(experiment, name=name, key=key, run_name=run_name, tags=run_tags,
                               params=params)
         status = "FAILED"
         try:
-            result = _retrain(client, run_id, name, parts, base, label=label, exclude=exclude,
+            result = _retrain(run_id, name, parts, base, label=label, exclude=exclude,
                               epochs=epochs, seed=seed, target_fpr=target_fpr, tolerance=tolerance,
                               fpr_band=fpr_band, max_score_psi=max_score_psi, psi_alert=psi_alert,
                               holdout_partitions=holdout_partitions, holdout_fraction=holdout_fraction,
@@ -151,23 +147,23 @@ def run_retrain(name: str, data: Sequence[str], *, days: int | None = None, file
             return result
         except AnomalyVAEError as exc:
             reason = " ".join(str(exc).split())
-            record.set_tags(client, run_id, {"decision": "refused", "reasons": reason})
+            record.set_tags(run_id, {"decision": "refused", "reasons": reason})
             status = "FINISHED"
             champ = tracking.get_alias_version(name, "champion")
             return RetrainResult("refused", EXIT_BAD_INPUT, [reason], **base, run_id=run_id,
                                  champion_before=champ, champion_after=champ)
         except BaseException as exc:
-            record.set_tags(client, run_id, {"error": f"{type(exc).__name__}: {exc}"})
+            record.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"})
             raise
         finally:
-            record.finish(client, run_id, status)
+            record.finish(run_id, status)
 
 
-def _retrain(client: Any, run_id: str, name: str, parts: Sequence[Partition],
-             base: dict[str, Any], *, label: str | None, exclude: Sequence[str], epochs: int | None,
-             seed: int, target_fpr: float, tolerance: float, fpr_band: float,
-             max_score_psi: float | None, psi_alert: float, holdout_partitions: int,
-             holdout_fraction: float, train_experiment: str, threads: int | None) -> RetrainResult:
+def _retrain(run_id: str, name: str, parts: Sequence[Partition], base: dict[str, Any], *,
+             label: str | None, exclude: Sequence[str], epochs: int | None, seed: int,
+             target_fpr: float, tolerance: float, fpr_band: float, max_score_psi: float | None,
+             psi_alert: float, holdout_partitions: int, holdout_fraction: float,
+             train_experiment: str, threads: int | None) -> RetrainResult:
     from anomaly_vae import tracking
     from pipelines import record
 
@@ -205,17 +201,17 @@ def _retrain(client: Any, run_id: str, name: str, parts: Sequence[Partition],
 
     # evidence first, then the registry: a crash in between leaves a FAILED run, not a silent move
     table = comparison_table(cand_m, champ_m)
-    record.log_comparison(client, run_id, table)
-    record.log_drift(client, run_id, drift, psi_plot(drift, psi_alert,
-                                                     title=f"PSI vs {'champion' if champion else 'candidate'} "
-                                                           f"training profile"))
-    record.log_window(client, run_id, {"files": [{"file": p.label, "date": str(p.date), "size": p.size}
-                                                 for p in parts], "rows": rows})
-    record.log_metrics(client, run_id, {**{f"candidate_{k}": v for k, v in cand_m.items()},
-                                        **{f"champion_{k}": v for k, v in (champ_m or {}).items()},
-                                        "drift_alerts": len(alerts),
-                                        "drift_max_feature_psi": float(drift.loc[drift["kind"] != "score",
-                                                                                 "psi"].max())})
+    record.log_comparison(run_id, table)
+    record.log_drift(run_id, drift, psi_plot(drift, psi_alert,
+                                             title=f"PSI vs {'champion' if champion else 'candidate'} "
+                                                   f"training profile"))
+    record.log_window(run_id, {"files": [{"file": p.label, "date": str(p.date), "size": p.size}
+                                         for p in parts], "rows": rows})
+    record.log_metrics(run_id, {**{f"candidate_{k}": v for k, v in cand_m.items()},
+                                **{f"champion_{k}": v for k, v in (champ_m or {}).items()},
+                                "drift_alerts": len(alerts),
+                                "drift_max_feature_psi": float(drift.loc[drift["kind"] != "score",
+                                                                         "psi"].max())})
     train_run = tracking.log_training_run(
         candidate, train_df, dataset_name=f"{name}-{parts[0].date or 'window'}..{parts[-1].date or len(parts)}",
         dataset_source=str(parts[0].path.parent.resolve()), eval_df=holdout_df, label=label,
@@ -226,7 +222,7 @@ def _retrain(client: Any, run_id: str, name: str, parts: Sequence[Partition],
     outcome = "promoted" if decision.promote else "kept"
     champion_after = version if decision.promote else champion_before
 
-    record.set_tags(client, run_id, {
+    record.set_tags(run_id, {
         "decision": outcome, "reasons": " | ".join(decision.reasons),
         "candidate_run_id": train_run.run_id, "candidate_version": version,
         "champion_before": champion_before if champion_before is not None else "none",
@@ -234,8 +230,8 @@ def _retrain(client: Any, run_id: str, name: str, parts: Sequence[Partition],
         "drift_reference": "champion" if champion is not None else "candidate",
         "drift_alert": str(bool(alerts)).lower(), "drift_alerts": ", ".join(alerts) or "none",
         "warnings": " | ".join(warnings) or None})
-    record.tag_version(client, name, version, {"window_key": base["window_key"], "retrain_run_id": run_id,
-                                               "decision": outcome})
+    record.tag_version(name, version, {"window_key": base["window_key"], "retrain_run_id": run_id,
+                                       "decision": outcome})
     tracking.set_alias(name, version, "challenger")
     if decision.promote:
         tracking.set_alias(name, version, "champion")          # the commit point

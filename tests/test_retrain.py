@@ -186,20 +186,11 @@ def write_days(folder: Path, start: dt.date, n_days: int, seed: int, poison=None
 
 @pytest.fixture(scope="module", autouse=True)
 def _restore_mlflow_state():
-    """run_retrain points MLflow (and anomaly_vae.tracking's cached URI) at this module's store;
-    put both back so later test modules see the URI they expect."""
-    import mlflow
+    """run_retrain points MLflow (and anomaly_vae.tracking's configured store) at this module's
+    store; put both back so later test modules see the URI they expect."""
     from anomaly_vae import tracking
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    state = getattr(tracking, "_configured", None)           # private cache; tolerate its absence
-    cached = dict(state) if isinstance(state, dict) else None
-    yield
-    if cached is not None:
-        state.clear()
-        state.update(cached)
-    uri = (cached or {}).get("uri") or env_uri or None
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    with tracking.preserve_configuration():
+        yield
 
 
 @pytest.fixture(scope="module")

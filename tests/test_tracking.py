@@ -55,10 +55,8 @@ def store(logged):
 # ------------------------------------------------------------------ configure
 @pytest.fixture
 def restore_uri():
-    before = dict(T._configured)
-    yield
-    if before.get("uri"):
-        T.configure(before["uri"])
+    with T.preserve_configuration():
+        yield
 
 
 def test_configure_precedence(tmp_path, monkeypatch, restore_uri):
