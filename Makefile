@@ -34,6 +34,7 @@ throughput: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 
 ui: $(STAMP)
+	mkdir -p mlruns
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
