@@ -140,7 +140,8 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         y = np.asarray(y)
         if y.shape[0] != len(df):
             raise DataError(f"y has {y.shape[0]} labels for {len(df)} rows")
-        return df, np.isin(y, [1, True, -1]) if y.dtype != object else np.isin(y.astype(str), ["1", "True", "true"])
+        # 1 / True = anomaly (the product's label convention; not sklearn's +1 = inlier)
+        return df, np.isin(y.astype(str), ["1", "1.0", "True", "true"])
 
     def _split(self, n: int, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Shuffle rows into train / validation (early stopping) / calibration (threshold)."""

@@ -118,3 +118,11 @@ def test_encode_and_sample(fitted, frame):
 def test_too_few_rows_is_a_data_error():
     with pytest.raises(DataError):
         VAEAnomalyDetector(**FAST).fit(pd.DataFrame({"a": [1.0]}))
+
+
+def test_y_marks_anomalies_with_one_only(frame):
+    y = np.zeros(len(frame), dtype=int)
+    y[:200] = 1
+    y[200:400] = -1                      # not an anomaly label in this product: kept
+    det = VAEAnomalyDetector(**FAST).fit(frame, y)
+    assert det.calibration_["n_calibration"] == round(0.15 * (len(frame) - 200))
