@@ -244,8 +244,20 @@ def _log_model(det: "VAEAnomalyDetector", example_source: pd.DataFrame) -> None:
             artifacts={MODEL_DIR_ARTIFACT: native},
             signature=signature,
             input_example=example,
-            pip_requirements=[f"anomaly-vae=={__version__}", f"mlflow=={mlflow.__version__}"],
+            # the package travels inside the model (code/anomaly_vae), so a fresh environment
+            # (virtualenv env manager, Spark workers) needs only these PyPI packages
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=_runtime_requirements(),
         )
+
+
+RUNTIME_PACKAGES = ("torch", "numpy", "scipy", "pandas", "scikit-learn", "pyarrow", "safetensors", "mlflow")
+
+
+def _runtime_requirements() -> list[str]:
+    """Pinned requirements of the logged model (local version labels like '+cpu' dropped)."""
+    from importlib.metadata import version
+    return [f"{name}=={version(name).split('+')[0]}" for name in RUNTIME_PACKAGES]
 
 
 def _log_dataset(df: pd.DataFrame, name: str | None, source: str | None, label: str | None,

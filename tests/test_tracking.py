@@ -121,7 +121,8 @@ def test_run_artifacts_and_model_files(store):
     assert "artifacts/anomaly_vae_model/weights.safetensors" in files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
     assert (store.root / "mlruns" / "artifacts" / "anomaly-vae").is_dir()
-    assert "anomaly-vae==" in (model_dir / "requirements.txt").read_text()
+    assert "torch==" in (model_dir / "requirements.txt").read_text()
+    assert "code/anomaly_vae/persist.py" in files
 
 
 def test_dataset_inputs(store):
