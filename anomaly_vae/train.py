@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config
-from .model import VAE
+from .model import VAE, kl_divergence
 
 log = logging.getLogger(__name__)
 ACTIVE_UNIT_VAR = 0.01
@@ -50,18 +50,14 @@ def active_units(mu: torch.Tensor) -> int:
 
 
 def _elbo_terms(vae: VAE, x: torch.Tensor, config: Config, beta: float, noise: torch.Tensor | None):
+    """(loss, recon NLL, KL) averaged over the batch; free bits floor each latent dim's mean KL."""
     x_in = x if noise is None else x + noise
     mu, logvar = vae.encode(x_in)
     z = vae.reparameterize(mu, logvar)
     recon = vae.dim_nll(x, vae.decode(z)).sum(1).mean()
-    kl_dims = kl_divergence_mean(mu, logvar)
+    kl_dims = kl_divergence(mu, logvar).mean(0)
     kl_pen = torch.clamp(kl_dims, min=config.free_bits).sum() if config.free_bits else kl_dims.sum()
-    return recon + beta * kl_pen, recon, kl_dims.sum(), mu
-
-
-def kl_divergence_mean(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Batch-mean KL per latent dim. (n, k) -> (k,)"""
-    return (0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar)).mean(0)
+    return recon + beta * kl_pen, recon, kl_dims.sum()
 
 
 def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Config,
@@ -93,7 +89,7 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
             beta = beta_at(step / total_steps, config)
             noise = (torch.randn(xb.shape, generator=gen) * config.input_noise * num_mask
                      if config.input_noise else None)
-            loss, recon, kl, _ = _elbo_terms(vae, xb, config, beta, noise)
+            loss, recon, kl = _elbo_terms(vae, xb, config, beta, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -109,7 +105,7 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
             ref = Xv if Xv is not None else X[: min(n, 4096)]
             mu, logvar = vae.encode(ref)
             v_recon = vae.dim_nll(ref, vae.decode(mu)).sum(1).mean().item()
-            v_kl = kl_divergence_mean(mu, logvar).sum().item()
+            v_kl = kl_divergence(mu, logvar).mean(0).sum().item()
             hist.active_units.append(active_units(mu))
         v_loss = v_recon + config.beta * v_kl
         hist.val_loss.append(v_loss); hist.val_recon_nll.append(v_recon); hist.val_kl.append(v_kl)
