@@ -119,10 +119,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         self.config_ = config.resolve(len(train_idx), self.preprocessor_.n_dims)
         torch.set_num_threads(_train_threads(self.config_))
         torch.manual_seed(self.config_.seed)
-        self.vae_ = VAE.from_preprocessor(self.preprocessor_, hidden=self.config_.hidden,
-                                          latent_dim=self.config_.latent_dim,
-                                          var_floor=self.config_.var_floor, dropout=self.config_.dropout,
-                                          heteroscedastic=self.config_.heteroscedastic)
+        self.vae_ = VAE.from_config(self.preprocessor_, self.config_)
         self.history_: History = fit_vae(self.vae_, X_all[train_idx], X_all[val_idx] if len(val_idx) else None,
                                          self.config_, progress=self.verbose)
         torch.set_num_threads(self.config_.n_threads or os.cpu_count() or 1)

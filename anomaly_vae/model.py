@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import Config
 from .preprocess import Preprocessor
 
 LOG_2PI = math.log(2 * math.pi)
@@ -63,6 +64,13 @@ class VAE(nn.Module):
         self._splits = [n_num, n_num, n_ind, len(cat_dims)]
         # homoscedastic option: one learned variance per numeric feature, independent of z
         self.feature_raw_var = nn.Parameter(torch.zeros(n_num)) if not heteroscedastic else None
+
+    @classmethod
+    def from_config(cls, pre: Preprocessor, config: Config) -> "VAE":
+        """The network for a fitted preprocessor's layout and a resolved Config."""
+        return cls.from_preprocessor(pre, hidden=config.hidden, latent_dim=config.latent_dim,
+                                     var_floor=config.var_floor, dropout=config.dropout,
+                                     heteroscedastic=config.heteroscedastic)
 
     @classmethod
     def from_preprocessor(cls, pre: Preprocessor, **kwargs) -> "VAE":

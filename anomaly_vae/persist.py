@@ -127,9 +127,7 @@ def load_model(path: str | os.PathLike) -> "VAEAnomalyDetector":
     det.preprocessor_ = Preprocessor.from_dict(_read_json(path / "preprocess.json"))
     det.feature_names_in_ = np.asarray([c.name for c in det.schema_.features], dtype=object)
     det.n_features_in_ = len(det.feature_names_in_)
-    vae = VAE.from_preprocessor(det.preprocessor_, hidden=det.config_.hidden,
-                                latent_dim=det.config_.latent_dim, var_floor=det.config_.var_floor,
-                                dropout=det.config_.dropout, heteroscedastic=det.config_.heteroscedastic)
+    vae = VAE.from_config(det.preprocessor_, det.config_)
     vae.load_state_dict(load_file(str(path / "weights.safetensors")), strict=True)
     det.vae_ = vae.eval()
     det.threshold_ = float(cal["threshold"])
