@@ -16,6 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 from . import score as S
 from .config import Config
 from .errors import ConfigError, DataError
+from .evaluate import anomaly_mask
 from .model import VAE
 from .preprocess import Preprocessor
 from .schema import Schema, as_frame, infer_schema
@@ -137,8 +138,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         y = np.asarray(y)
         if y.shape[0] != len(df):
             raise DataError(f"y has {y.shape[0]} labels for {len(df)} rows")
-        # 1 / True = anomaly (the product's label convention; not sklearn's +1 = inlier)
-        return df, np.isin(y.astype(str), ["1", "1.0", "True", "true"])
+        return df, anomaly_mask(y)
 
     def _split(self, n: int, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Shuffle rows into train / validation (early stopping) / calibration (threshold)."""

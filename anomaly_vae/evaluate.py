@@ -12,7 +12,16 @@ from .errors import DataError
 if TYPE_CHECKING:
     from .detector import VAEAnomalyDetector
 
-ANOMALY_VALUES = (1, True, -1)   # same rule as VAEAnomalyDetector.fit: 1/True (or sklearn's -1) = anomaly
+ANOMALY_TEXT = ("1", "1.0", "true")   # label rule shared with VAEAnomalyDetector.fit: 1 / True = anomaly
+
+
+def anomaly_mask(values: Any) -> np.ndarray:
+    """Labels -> boolean anomaly mask: 1 / True (also as text) is an anomaly, anything else normal."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "biuf":
+        return arr == 1
+    text = pd.Series(arr.astype(object)).astype("string").str.strip().str.lower()
+    return text.isin(ANOMALY_TEXT).fillna(False).to_numpy(dtype=bool)
 
 
 def evaluate_scores(y_true: Any, scores: Any, flags: Any) -> dict[str, Any]:
@@ -64,10 +73,7 @@ def labels_from(df: pd.DataFrame, label: str) -> np.ndarray:
     if col.isna().any():
         raise DataError(f"label column '{label}': {int(col.isna().sum()):,} of {len(col):,} values are "
                         "missing; fill or drop them (1 = anomaly, 0 = normal)")
-    if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
-        return np.isin(col.to_numpy(), ANOMALY_VALUES)
-    text = col.astype("string").str.strip().str.lower()
-    return text.isin(["1", "true", "-1"]).to_numpy(dtype=bool)
+    return anomaly_mask(col.to_numpy())
 
 
 def evaluate(det: "VAEAnomalyDetector", df: pd.DataFrame, label: str | None = "label") -> dict[str, Any]:

@@ -363,7 +363,7 @@ def encode_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], dst: str | o
                 if batch.num_rows == 0:
                     continue
                 try:
-                    z = _latent_means(det, batch.select(features).to_pandas())
+                    z = det.encode(batch.select(features).to_pandas())
                 except AnomalyVAEError as exc:
                     msg = str(exc).removeprefix("input: ")
                     raise type(exc)(f"{src} (rows {start:,}-{start + batch.num_rows - 1:,}): {msg}") from exc
@@ -508,9 +508,3 @@ def _now() -> str:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _latent_means(det: "VAEAnomalyDetector", df: pd.DataFrame) -> np.ndarray:
-    """det.encode (latent means); older detectors called it transform."""
-    fn = getattr(det, "encode", None) or getattr(det, "transform")
-    return fn(df)

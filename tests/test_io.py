@@ -229,7 +229,7 @@ def test_encode_files_and_write_frame(tmp_path, fitted, scored_rows):
     z = pd.read_parquet(tmp_path / "z.parquet")
     k = fitted.config_.latent_dim
     assert n == 400 and list(z.columns) == ["row_id"] + [f"z{j}" for j in range(k)]
-    ref = io._latent_means(fitted, scored_rows.head(400))
+    ref = fitted.encode(scored_rows.head(400))
     np.testing.assert_allclose(z[[f"z{j}" for j in range(k)]].to_numpy(), ref, rtol=1e-4, atol=1e-5)
     io.write_frame(pd.DataFrame({"a": [1, 2]}), tmp_path / "w.csv")
     assert (tmp_path / "w.csv").read_text().splitlines() == ["a", "1", "2"]
