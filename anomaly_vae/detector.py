@@ -15,6 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import score as S
 from .config import Config
+from .drift import numeric_fractions
 from .errors import ConfigError, DataError
 from .evaluate import anomaly_mask
 from .model import VAE
@@ -290,10 +291,9 @@ def _reference_profile(df: pd.DataFrame, schema: Schema, pre: Preprocessor, bins
             v = s.to_numpy("float64", na_value=np.nan)
             v = v[np.isfinite(v)]
             edges = np.unique(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1])) if len(v) else np.array([])
-            counts = np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(edges) + 1)
+            fractions, missing = numeric_fractions(s, edges)     # the rule drift checks apply later
             prof[col.name] = {"kind": "numeric", "edges": edges.tolist(),
-                              "fractions": (counts / max(len(v), 1)).tolist(),
-                              "missing": float(s.isna().mean())}
+                              "fractions": fractions.tolist(), "missing": missing}
         elif col.kind in ("categorical", "boolean"):
             freq = s.astype("string").fillna("<null>").value_counts(normalize=True)
             prof[col.name] = {"kind": "categorical", "freq": {str(k): float(v) for k, v in freq.items()}}
