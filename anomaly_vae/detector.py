@@ -131,15 +131,16 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         return self
 
     def _split_label(self, df: pd.DataFrame, y: Any) -> tuple[pd.DataFrame, np.ndarray | None]:
+        name = "y"
         if self.label is not None and self.label in df.columns:
-            y = df[self.label]
+            y, name = df[self.label], f"column '{self.label}'"
             df = df.drop(columns=[self.label])
         if y is None:
             return df, None
         y = np.asarray(y)
         if y.shape[0] != len(df):
             raise DataError(f"y has {y.shape[0]} labels for {len(df)} rows")
-        return df, anomaly_mask(y)
+        return df, anomaly_mask(y, name)
 
     def _split(self, n: int, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Shuffle rows into train / validation (early stopping) / calibration (threshold)."""

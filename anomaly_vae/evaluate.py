@@ -12,16 +12,33 @@ from .errors import DataError
 if TYPE_CHECKING:
     from .detector import VAEAnomalyDetector
 
-ANOMALY_TEXT = ("1", "1.0", "true")   # label rule shared with VAEAnomalyDetector.fit: 1 / True = anomaly
+# label rule shared by fit, evaluate, the CLI and retraining: 1 / True = anomaly, 0 / False = normal
+ANOMALY_TEXT = ("1", "1.0", "true", "yes")
+NORMAL_TEXT = ("0", "0.0", "false", "no")
 
 
-def anomaly_mask(values: Any) -> np.ndarray:
-    """Labels -> boolean anomaly mask: 1 / True (also as text) is an anomaly, anything else normal."""
+def anomaly_mask(values: Any, name: str = "y") -> np.ndarray:
+    """Labels -> boolean anomaly mask: 1 / True (also as text) is an anomaly, 0 / False normal.
+
+    Any other value raises DataError naming `name`: a label column of categories, ids or
+    sklearn's -1 = outlier convention would otherwise be read silently as "all normal".
+    """
     arr = np.asarray(values)
-    if arr.dtype.kind in "biuf":
-        return arr == 1
-    text = pd.Series(arr.astype(object)).astype("string").str.strip().str.lower()
-    return text.isin(ANOMALY_TEXT).fillna(False).to_numpy(dtype=bool)
+    if arr.dtype.kind == "b":
+        return arr.astype(bool)
+    if arr.dtype.kind in "iuf":
+        bad = ~np.isin(arr, (0, 1))
+        mask = arr == 1
+    else:
+        text = pd.Series(arr.astype(object)).astype("string").str.strip().str.lower()
+        mask = text.isin(ANOMALY_TEXT).fillna(False).to_numpy(dtype=bool)
+        bad = ~(mask | text.isin(NORMAL_TEXT).fillna(False).to_numpy(dtype=bool))
+    if bad.any():
+        examples = list(pd.unique(pd.Series(arr[bad]).astype(str)))[:5]
+        hint = " (sklearn's -1 = outlier is not accepted: map it to 1)" if "-1" in examples else ""
+        raise DataError(f"label {name}: expected 1 = anomaly / 0 = normal (or true/false), found "
+                        f"{int(bad.sum()):,} of {len(arr):,} other values, e.g. {examples}{hint}")
+    return mask
 
 
 def evaluate_scores(y_true: Any, scores: Any, flags: Any) -> dict[str, Any]:
@@ -73,7 +90,7 @@ def labels_from(df: pd.DataFrame, label: str) -> np.ndarray:
     if col.isna().any():
         raise DataError(f"label column '{label}': {int(col.isna().sum()):,} of {len(col):,} values are "
                         "missing; fill or drop them (1 = anomaly, 0 = normal)")
-    return anomaly_mask(col.to_numpy())
+    return anomaly_mask(col.to_numpy(), f"column '{label}'")
 
 
 def evaluate(det: "VAEAnomalyDetector", df: pd.DataFrame, label: str | None = "label") -> dict[str, Any]:

@@ -123,6 +123,13 @@ def test_too_few_rows_is_a_data_error():
 def test_y_marks_anomalies_with_one_only(frame):
     y = np.zeros(len(frame), dtype=int)
     y[:200] = 1
-    y[200:400] = -1                      # not an anomaly label in this product: kept
     det = VAEAnomalyDetector(**FAST).fit(frame, y)
     assert det.calibration_["n_calibration"] == round(0.15 * (len(frame) - 200))
+
+
+@pytest.mark.parametrize("bad", [-1, 2, "fraud"])
+def test_labels_other_than_zero_one_are_refused(frame, bad):
+    y = np.zeros(len(frame), dtype=object if isinstance(bad, str) else int)
+    y[:5] = bad
+    with pytest.raises(DataError, match=r"label y: expected 1 = anomaly / 0 = normal.*5 of"):
+        VAEAnomalyDetector(**FAST).fit(frame, y)

@@ -73,6 +73,16 @@ def test_labels_from_variants():
         labels_from(pd.DataFrame({"x": [0, None]}), "x")
 
 
+def test_labels_that_are_not_binary_are_refused():
+    df = pd.DataFrame({"kind": ["none", "amount_spike", "none"], "id": [0, 1, 7], "sk": [1, -1, 1]})
+    with pytest.raises(DataError, match=r"label column 'kind'.*3 of 3.*\['none', 'amount_spike'\]"):
+        labels_from(df, "kind")
+    with pytest.raises(DataError, match=r"label column 'id'.*1 of 3.*\['7'\]"):
+        labels_from(df, "id")
+    with pytest.raises(DataError, match="sklearn's -1 = outlier is not accepted"):
+        labels_from(df, "sk")
+
+
 @pytest.fixture(scope="module")
 def demo():
     df = make_transactions(1500, fraud_rate=0.03, seed=3)
