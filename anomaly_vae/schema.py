@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
 from .errors import DataError, SchemaMismatchError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("numeric", "categorical", "boolean", "datetime", "id")
 FEATURE_KINDS = ("numeric", "categorical", "boolean", "datetime")
@@ -80,6 +84,9 @@ def as_frame(X: Any) -> pd.DataFrame:
     if hasattr(X, "to_pandas") and hasattr(X, "schema"):
         X = X.to_pandas()
     if isinstance(X, pd.DataFrame):
+        dups = sorted({str(c) for c in X.columns[X.columns.duplicated()]})
+        if dups:
+            raise DataError(f"duplicate column name(s) {dups}: every column needs its own name")
         if X.shape[1] == 0:
             raise DataError(f"0 feature(s) (shape={X.shape}) while a minimum of 1 is required")
         if not all(isinstance(c, str) for c in X.columns):
@@ -120,6 +127,8 @@ def infer_schema(df: pd.DataFrame, *, categorical: Iterable[str] = (), exclude: 
             kind = _infer_kind(str(name), s)
         if kind != "id" and s.isna().all():
             raise DataError(f"column '{name}': every value is null; drop it with --exclude {name}")
+        if kind == "categorical" and name not in categorical:
+            _warn_if_numbers_as_text(str(name), s)
         cols.append(Column(name=str(name), kind=kind, dtype=dtype))
     if not any(c.kind in FEATURE_KINDS for c in cols):
         raise DataError(f"no feature columns left to model among {list(df.columns)}")
@@ -142,6 +151,31 @@ def _infer_kind(name: str, s: pd.Series) -> str:
     return "categorical"
 
 
+def _warn_if_numbers_as_text(name: str, s: pd.Series) -> None:
+    """A text column whose values are nearly all numbers is probably a number column read as text."""
+    values = s.dropna()
+    if pd.api.types.is_numeric_dtype(s) or values.nunique() <= 50:
+        return
+    parsed = pd.to_numeric(values.astype("string").str.strip(), errors="coerce")
+    share = float(parsed.notna().mean())
+    if share >= 0.9:
+        bad = list(pd.unique(values[parsed.isna()].astype(str)))[:3]
+        log.warning("column '%s' holds text of which %.1f%% parses as numbers (others e.g. %s); it is "
+                    "modelled as categorical: clean and cast it to a number if it is an amount or a "
+                    "measurement", name, 100 * share, bad)
+
+
+def category_text(s: pd.Series) -> pd.Series:
+    """Categories as text; integral floats print as integers, so 4 and 4.0 are one category
+    (an int column becomes float in a partition that has nulls)."""
+    if pd.api.types.is_float_dtype(s):
+        v = s.to_numpy(dtype="float64", na_value=np.nan)
+        v = v[~np.isnan(v)]
+        if np.isfinite(v).all() and (np.abs(v) < 2 ** 53).all() and (v == np.round(v)).all():
+            return s.astype("Int64").astype("string")
+    return s.astype("string")
+
+
 def cast_column(s: pd.Series, col: Column, source: str = "input") -> pd.Series:
     """Cast one column to its schema kind or raise SchemaMismatchError naming it."""
     was_null = s.isna()
@@ -162,6 +196,11 @@ def cast_column(s: pd.Series, col: Column, source: str = "input") -> pd.Series:
         _check_cast(s, out, was_null, col, "a boolean (true/false/1/0)", source)
         return out
     if col.kind == "datetime":
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s) and s.notna().any():
+            raise SchemaMismatchError(
+                f"{source}: column '{col.name}': expected a timestamp, found {s.dtype} numbers; epoch "
+                f"numbers are ambiguous (seconds? milliseconds?): convert them first, e.g. "
+                f"pd.to_datetime(df['{col.name}'], unit='s')")
         if pd.api.types.is_datetime64_any_dtype(s):
             out = s
         else:
@@ -171,7 +210,7 @@ def cast_column(s: pd.Series, col: Column, source: str = "input") -> pd.Series:
         _check_cast(s, out, was_null, col, "a timestamp", source)
         return out
     # categorical: any value is a category; nulls stay null
-    return s.astype("string")
+    return category_text(s)
 
 
 def _check_cast(raw: pd.Series, out: pd.Series, was_null: pd.Series, col: Column, expected: str,

@@ -66,3 +66,39 @@ def test_as_frame_accepts_arrays_and_arrow():
     assert as_frame(pa.table({"a": [1, 2]})).shape == (2, 1)
     with pytest.raises(ValueError, match="Reshape"):
         as_frame(np.zeros(3))
+
+
+def test_integer_categories_survive_a_float_partition(frame):
+    # an int column read from a partition with nulls arrives as float: 4.0 must stay category "4"
+    df = frame.assign(code=np.arange(len(frame)) % 4)
+    s = infer_schema(df, categorical=["code"])
+    as_float = s.validate(df.head(6).assign(code=[0.0, 1.0, np.nan, 3.0, 2.0, 1.0]))
+    assert as_float["code"].tolist()[:2] == ["0", "1"] and pd.isna(as_float["code"].iloc[2])
+    assert s.validate(df.head(2))["code"].tolist() == ["0", "1"]
+    assert s.validate(df.head(2).assign(code=[0.5, 1.0]))["code"].tolist() == ["0.5", "1.0"]
+
+
+def test_epoch_numbers_in_a_timestamp_column_are_refused(frame):
+    s = infer_schema(frame)
+    epoch = frame.head(3).assign(ts=[1_767_225_600, 1_767_229_200, 1_767_232_800])
+    with pytest.raises(SchemaMismatchError, match=r"column 'ts': expected a timestamp, found int64.*unit='s'"):
+        s.validate(epoch, source="x.parquet")
+    assert s.validate(frame.head(3).assign(ts=[np.nan] * 3))["ts"].isna().all()   # all-null is fine
+
+
+def test_duplicate_column_names_are_a_data_error():
+    df = pd.DataFrame([[1.0, 2.0, 3.0]], columns=["a", "b", "a"])
+    with pytest.raises(DataError, match=r"duplicate column name\(s\) \['a'\]"):
+        as_frame(df)
+
+
+def test_numbers_stored_as_text_are_flagged(caplog):
+    values = [f"{v:.0f}" for v in np.linspace(1, 200, 300)] + ["abc"]   # repeats: not an id
+    with caplog.at_level("WARNING", logger="anomaly_vae.schema"):
+        s = infer_schema(pd.DataFrame({"amount": values, "n": np.arange(301.0)}))
+    assert kinds(s)["amount"] == "categorical"
+    assert "column 'amount' holds text of which 99.7% parses as numbers" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="anomaly_vae.schema"):
+        infer_schema(pd.DataFrame({"country": ["DE", "FR", "US"] * 100, "n": np.arange(300.0)}))
+    assert caplog.text == ""
