@@ -118,7 +118,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         self.preprocessor_ = Preprocessor(config.numeric_transform, config.max_categories,
                                           config.min_category_count).fit(data.iloc[train_idx], self.schema_)
         X_all = self.preprocessor_.encode(data)
-        self.config_ = config.resolve(len(train_idx), self.preprocessor_.n_dims)
+        self.config_ = config.resolve(len(train_idx), self.preprocessor_.n_varying_dims)
         torch.set_num_threads(_train_threads(self.config_))
         torch.manual_seed(self.config_.seed)
         self.vae_ = VAE.from_config(self.preprocessor_, self.config_)
@@ -140,7 +140,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         y = np.asarray(y)
         if y.shape[0] != len(df):
             raise DataError(f"y has {y.shape[0]} labels for {len(df)} rows")
-        return df, anomaly_mask(y, name)
+        return df, anomaly_mask(y, name, strict=name != "y")
 
     def _split(self, n: int, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Shuffle rows into train / validation (early stopping) / calibration (threshold)."""

@@ -17,11 +17,13 @@ ANOMALY_TEXT = ("1", "1.0", "true", "yes")
 NORMAL_TEXT = ("0", "0.0", "false", "no")
 
 
-def anomaly_mask(values: Any, name: str = "y") -> np.ndarray:
+def anomaly_mask(values: Any, name: str = "y", strict: bool = True) -> np.ndarray:
     """Labels -> boolean anomaly mask: 1 / True (also as text) is an anomaly, 0 / False normal.
 
     Any other value raises DataError naming `name`: a label column of categories, ids or
     sklearn's -1 = outlier convention would otherwise be read silently as "all normal".
+    strict=False (the `y` argument of fit, which sklearn tooling fills with class labels)
+    only refuses -1, whose convention is the opposite of ours, and counts the rest as normal.
     """
     arr = np.asarray(values)
     if arr.dtype.kind == "b":
@@ -33,6 +35,8 @@ def anomaly_mask(values: Any, name: str = "y") -> np.ndarray:
         text = pd.Series(arr.astype(object)).astype("string").str.strip().str.lower()
         mask = text.isin(ANOMALY_TEXT).fillna(False).to_numpy(dtype=bool)
         bad = ~(mask | text.isin(NORMAL_TEXT).fillna(False).to_numpy(dtype=bool))
+    if not strict:
+        bad &= np.isin(pd.Series(arr).astype(str).to_numpy(), ("-1", "-1.0"))
     if bad.any():
         examples = list(pd.unique(pd.Series(arr[bad]).astype(str)))[:5]
         hint = " (sklearn's -1 = outlier is not accepted: map it to 1)" if "-1" in examples else ""

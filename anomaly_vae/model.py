@@ -78,7 +78,17 @@ class VAE(nn.Module):
         ind_of = {d: s.indicator for s in pre.spans if s.kind in ("numeric", "datetime")
                   for d in range(s.start, s.stop)}
         numeric_indicator = np.array([ind_of[int(d)] for d in num], dtype=np.int64)
-        return cls(pre.n_dims, num, pre.indicator_dims, pre.categorical_spans, numeric_indicator, **kwargs)
+        vae = cls(pre.n_dims, num, pre.indicator_dims, pre.categorical_spans, numeric_indicator, **kwargs)
+        vae.init_indicator_bias(pre.indicator_rates)
+        return vae
+
+    @torch.no_grad()
+    def init_indicator_bias(self, rates: np.ndarray) -> None:
+        """Start each missing-indicator logit at its training missing rate (the usual output-bias
+        init); for a column never missing in training, a missing value then costs ~log(2 n) nats."""
+        a = 2 * self._splits[0]
+        rates = torch.as_tensor(rates, dtype=self.dec_out.bias.dtype)
+        self.dec_out.bias[a:a + len(rates)] = torch.log(rates) - torch.log1p(-rates)
 
     # ------------------------------------------------------------------ forward
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 Layout of X (n_rows, n_dims), in this order:
   numeric block    numeric columns (transformed + standardised) and datetime parts (hour, weekday sin/cos)
-  indicator block  one 0/1 missing-indicator per numeric/datetime column that had nulls in training
+  indicator block  one 0/1 missing-indicator per numeric/datetime column (also for columns with no
+                   nulls in training: a value missing at score time, never seen missing before, then
+                   costs about log(2 n_train) nats instead of being imputed into a typical row)
   categorical block one-hot per categorical/boolean column (vocabulary incl. <unk>, <null>)
 Every fitted parameter is a JSON number/list/string: no pickle anywhere.
 """
@@ -59,7 +61,9 @@ class Preprocessor:
             if col.kind == "numeric":
                 self.params[col.name] = self._fit_numeric(col.name, s.to_numpy("float64", na_value=np.nan))
             elif col.kind == "datetime":
-                self.params[col.name] = {"kind": "datetime", "has_missing": bool(s.isna().any())}
+                self.params[col.name] = {"kind": "datetime", "has_missing": bool(s.isna().any()),
+                                         "missing_rate": _smoothed_rate(int(s.isna().sum()), len(s)),
+                                         "indicator": True}
             else:
                 self.params[col.name] = self._fit_categorical(col.kind, s)
         self._layout(schema)
@@ -75,7 +79,8 @@ class Preprocessor:
         scale = float((q3 - q1) / 1.349) or float(v.std()) or 1.0
         p: dict[str, Any] = {"kind": "numeric", "transform": self.numeric_transform,
                              "median": median, "center": median, "scale": scale,
-                             "has_missing": bool((~ok).any())}
+                             "has_missing": bool((~ok).any()),
+                             "missing_rate": _smoothed_rate(int((~ok).sum()), len(x)), "indicator": True}
         if self.numeric_transform == "yeo-johnson":
             pt = PowerTransformer(method="yeo-johnson", standardize=False)
             with np.errstate(all="ignore"):
@@ -116,7 +121,7 @@ class Preprocessor:
                 width = 1 if col.kind == "numeric" else len(DATETIME_PARTS)
                 spans.append(Span(col.name, col.kind, pos, pos + width))
                 pos += width
-                if p["has_missing"]:
+                if p.get("indicator", p["has_missing"]):    # models saved before 0.2: only with nulls
                     needs_ind.append(len(spans) - 1)
         for i in needs_ind:                    # then indicators
             s = spans[i]
@@ -165,6 +170,21 @@ class Preprocessor:
     @property
     def indicator_dims(self) -> np.ndarray:
         return np.array(sorted(s.indicator for s in self.spans if s.indicator >= 0), dtype=np.int64)
+
+    @property
+    def indicator_rates(self) -> np.ndarray:
+        """Smoothed training missing rate of each indicator dim, in `indicator_dims` order."""
+        rate = {s.indicator: self.params[s.column].get("missing_rate", 0.5) for s in self.spans
+                if s.indicator >= 0}
+        return np.array([rate[d] for d in self.indicator_dims], dtype=np.float64)
+
+    @property
+    def n_varying_dims(self) -> int:
+        """Dims that vary in the training data: all but the indicators of columns that had no
+        missing values (the network size rule counts these, so always-present indicators do
+        not change the architecture)."""
+        silent = sum(1 for s in self.spans if s.indicator >= 0 and not self.params[s.column]["has_missing"])
+        return self.n_dims - silent
 
     @property
     def categorical_spans(self) -> list[tuple[int, int]]:
@@ -275,6 +295,11 @@ def _datetime_parts(s: pd.Series) -> np.ndarray:
     parts = np.empty((len(s), 4), dtype=np.float64)
     parts[:, 0::2], parts[:, 1::2] = np.sin(ang), np.cos(ang)
     return np.nan_to_num(parts, nan=0.0)
+
+
+def _smoothed_rate(k: int, n: int) -> float:
+    """Missing rate with half a pseudo-count each way: never 0 or 1, so log-likelihoods stay finite."""
+    return (k + 0.5) / (n + 1.0)
 
 
 def _category_strings(s: pd.Series, kind: str) -> pd.Series:

@@ -127,9 +127,35 @@ def test_y_marks_anomalies_with_one_only(frame):
     assert det.calibration_["n_calibration"] == round(0.15 * (len(frame) - 200))
 
 
-@pytest.mark.parametrize("bad", [-1, 2, "fraud"])
-def test_labels_other_than_zero_one_are_refused(frame, bad):
+@pytest.mark.parametrize("bad", [2, "fraud"])
+def test_label_column_values_other_than_zero_one_are_refused(frame, bad):
     y = np.zeros(len(frame), dtype=object if isinstance(bad, str) else int)
     y[:5] = bad
-    with pytest.raises(DataError, match=r"label y: expected 1 = anomaly / 0 = normal.*5 of"):
+    with pytest.raises(DataError, match=r"label column 'lab': expected 1 = anomaly / 0 = normal.*5 of"):
+        VAEAnomalyDetector(label="lab", **FAST).fit(frame.assign(lab=y))
+
+
+def test_y_in_sklearns_outlier_convention_is_refused(frame):
+    y = np.ones(len(frame), dtype=int)     # sklearn: 1 = inlier, -1 = outlier: the opposite of ours
+    y[:5] = -1
+    with pytest.raises(DataError, match="sklearn's -1 = outlier is not accepted"):
         VAEAnomalyDetector(**FAST).fit(frame, y)
+
+
+def test_missing_value_never_seen_in_training_raises_the_score(fitted, frame):
+    # amount and ts have no nulls in training; imputing them would make the row look typical
+    assert not frame["amount"].isna().any() and not frame["ts"].isna().any()
+    rows = frame.head(3).reset_index(drop=True)
+    holes = rows.assign(amount=[np.nan, np.inf, rows.amount[2]], ts=[rows.ts[0], rows.ts[1], pd.NaT])
+    before, after = fitted.explain(rows), fitted.explain(holes)
+    gain = after.anomaly_score - before.anomaly_score
+    n_train = len(frame) * (1 - 0.15 - 0.1)
+    assert (gain > 0.5 * np.log(2 * n_train)).all(), gain.tolist()   # ~log(2n) nats or more
+    assert [t.split(":")[0] for t in after.top_features] == ["amount", "amount", "ts"]
+
+
+def test_always_present_indicators_do_not_change_the_network_size(fitted):
+    pre = fitted.preprocessor_
+    silent = [s.column for s in pre.spans if s.indicator >= 0 and not pre.params[s.column]["has_missing"]]
+    assert silent == ["amount", "y", "ts"] and pre.n_varying_dims == pre.n_dims - 3
+    assert fitted.config_.hidden == fitted._config().resolve(1, pre.n_varying_dims).hidden

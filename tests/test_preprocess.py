@@ -18,7 +18,10 @@ def test_layout_and_shapes(frame, fitted_pre):
     X = pre.encode(schema.validate(frame))
     assert X.dtype == np.float32 and X.shape == (len(frame), pre.n_dims)
     spans = {s.column: s for s in pre.spans}
-    assert spans["x"].indicator >= 0 and spans["amount"].indicator == -1     # only x had NaN
+    assert spans["x"].indicator >= 0 and spans["amount"].indicator >= 0      # every numeric column
+    assert pre.params["x"]["has_missing"] and not pre.params["amount"]["has_missing"]
+    assert X[:, spans["amount"].indicator].sum() == 0 and X[:, spans["x"].indicator].sum() > 0
+    assert pre.n_varying_dims == pre.n_dims - 3                              # amount's, y's, ts's
     assert spans["ts"].stop - spans["ts"].start == 4                         # hour + weekday sin/cos
     one_hot = X[:, spans["cat"].start:spans["cat"].stop]
     assert np.all(one_hot.sum(1) == 1)
