@@ -53,19 +53,20 @@ _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
 
 # ------------------------------------------------------------------ inputs
 def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files, directories (their *.parquet / *.csv, not recursive) and globs -> sorted file list.
+    """Files, directories (searched recursively for *.parquet / *.pq / *.csv) and globs -> file list.
 
     Hidden files and names starting with '_' (manifests, temporaries) inside directories and
-    globs are skipped. Raises DataError naming the path when something does not exist, or
-    when nothing is left.
+    globs are skipped, and so are hidden / '_' subdirectories and subdirectories holding a
+    scoring manifest (an output directory inside the input directory is not read back).
+    Raises DataError naming the path when something does not exist, or when nothing is left.
     """
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and _is_data_file(f))
+            found = _walk(p)
             if not found:
-                raise DataError(f"{p}: directory has no {'/'.join(SUFFIXES)} files")
+                raise DataError(f"{p}: directory has no {'/'.join(SUFFIXES)} files (searched recursively)")
             out.extend(found)
         elif p.is_file():
             out.append(p)
@@ -84,8 +85,26 @@ def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return unique
 
 
+def _walk(root: Path) -> list[Path]:
+    """Data files under `root`, sorted by path; see `expand_inputs` for what is skipped."""
+    found = []
+    for d, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(s for s in subdirs if not s.startswith((".", "_"))
+                            and not (Path(d) / s / MANIFEST).is_file())
+        found += [Path(d) / f for f in files if _is_data_file(Path(d) / f) and (Path(d) / f).is_file()]
+    return sorted(found)
+
+
 def _is_data_file(p: Path) -> bool:
     return p.suffix.lower() in SUFFIXES and not p.name.startswith((".", "_"))
+
+
+def _check_unique_columns(path: Path, names: Sequence[str]) -> None:
+    """DataError naming the file and every column name that occurs more than once."""
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{path}: duplicate column name(s) {dupes}; every column needs a unique name "
+                        "(rename or drop the duplicates)")
 
 
 def _is_csv(path: Path) -> bool:
@@ -110,6 +129,7 @@ def _read_error(path: Path, exc: BaseException) -> DataError:
 def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read a whole parquet or CSV file into a DataFrame; DataError naming the file on failure."""
     path = Path(path)
+    input_schema(path)                     # duplicate column names -> DataError naming them
     try:
         if _is_csv(path):
             table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
@@ -137,17 +157,23 @@ def read_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
 
 
 def input_schema(path: str | os.PathLike) -> pa.Schema:
-    """Arrow schema of a file without reading its rows (CSV: inferred from the first block)."""
+    """Arrow schema of a file without reading its rows (CSV: inferred from the first block).
+
+    DataError naming the file when it cannot be read or has duplicate column names.
+    """
     path = Path(path)
     try:
         if _is_csv(path):
             with pacsv.open_csv(path) as reader:
-                return reader.schema
-        return pq.read_schema(path)
+                schema = reader.schema
+        else:
+            schema = pq.read_schema(path)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such file") from exc
     except _ARROW_ERRORS as exc:
         raise _read_error(path, exc) from exc
+    _check_unique_columns(path, schema.names)
+    return schema
 
 
 def count_rows(path: str | os.PathLike) -> int | None:
@@ -197,9 +223,10 @@ def temp_path(dst: Path) -> Path:
 
 
 def remove_stale_temps(out_dir: str | os.PathLike) -> list[Path]:
-    """Delete temporaries left by a killed run in `out_dir`; returns what was removed."""
+    """Delete temporaries left by a killed run in `out_dir` and its subdirectories; returns
+    what was removed."""
     removed = []
-    for p in Path(out_dir).glob(f".*{_TMP_MARK}*"):
+    for p in Path(out_dir).rglob(f".*{_TMP_MARK}*"):
         if p.is_file():
             p.unlink(missing_ok=True)
             removed.append(p)
@@ -260,9 +287,32 @@ def output_path(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / f"{Path(src).stem}{OUTPUT_SUFFIX}"
 
 
-def _plan_columns(det: "VAEAnomalyDetector", src: Path, keep: str) -> tuple[pa.Schema, list[str], list[str]]:
+def output_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """The output file of each input: flat DIR/<stem>.scored.parquet when the stems are unique;
+    otherwise (e.g. dt=2026-01-01/part-0.parquet, dt=2026-01-02/part-0.parquet) every output
+    keeps its input's directory relative to the inputs' common parent:
+    DIR/dt=2026-01-01/part-0.scored.parquet. DataError when two inputs still collide
+    (a.parquet and a.csv in one directory)."""
+    flat = [output_path(p, out_dir) for p in inputs]
+    if len(set(flat)) == len(flat):
+        return flat
+    parents = [os.path.abspath(Path(p).parent) for p in inputs]
+    base = os.path.commonpath(parents)
+    nested = [Path(out_dir) / os.path.relpath(d, base) / f.name for d, f in zip(parents, flat)]
+    nested = [Path(os.path.normpath(t)) for t in nested]
+    dupes = sorted({str(t) for t in nested if nested.count(t) > 1})
+    if dupes:
+        clash = [str(p) for p, t in zip(inputs, nested) if str(t) in dupes]
+        raise DataError(f"inputs {clash} would all be written to {dupes}; rename one of them or "
+                        "score them into separate output directories")
+    return nested
+
+
+def _plan_columns(det: "VAEAnomalyDetector", src: Path, keep: str
+                  ) -> tuple[pa.Schema, list[str], list[str], list[str]]:
     """Check the input's columns against the model; return (input schema, columns to read,
-    pass-through columns)."""
+    pass-through columns, warnings). A model id column missing from the input is a warning
+    (logged and returned), not an error: the rows are still scored, in input order."""
     if keep not in ("ids", "all"):
         raise DataError(f"keep must be 'ids' or 'all', got {keep!r}")
     schema = input_schema(src)
@@ -272,19 +322,28 @@ def _plan_columns(det: "VAEAnomalyDetector", src: Path, keep: str) -> tuple[pa.S
     if missing:
         raise SchemaMismatchError(
             f"{src}: missing required column(s) {missing}; the model was trained on {features}")
-    if keep == "all":
-        passthrough = list(names)
-    else:
-        passthrough = [c for c in det.schema_.ids if c in names]
-        absent = [c for c in det.schema_.ids if c not in names]
-        if absent:
-            log.warning("%s: id column(s) %s not in the input; output rows are in input order", src, absent)
+    warnings = []
+    absent = [c for c in det.schema_.ids if c not in names]
+    if absent:
+        warnings.append(f"{src}: id column(s) {absent} not in the input, so the output has no key "
+                        "column to join on (rows stay in input order)")
+    passthrough = list(names) if keep == "all" else [c for c in det.schema_.ids if c in names]
     clash = [c for c in passthrough if c in SCORE_COLUMNS]
     if clash:
-        log.warning("%s: input column(s) %s are replaced by the new scores", src, clash)
+        warnings.append(f"{src}: input column(s) {clash} are replaced by the new scores")
         passthrough = [c for c in passthrough if c not in SCORE_COLUMNS]
+    for w in warnings:
+        log.warning("%s", w)
     read = list(dict.fromkeys(passthrough + features))
-    return schema, read, passthrough
+    return schema, read, passthrough, warnings
+
+
+def _arrow_type(dtype: str) -> pa.DataType:
+    """Arrow type for a pandas dtype name saved in the model schema (text when unsure)."""
+    try:
+        return pa.from_numpy_dtype(np.dtype(str(dtype).lower()))
+    except (TypeError, ValueError, pa.ArrowException):
+        return pa.string()
 
 
 def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.PathLike, *,
@@ -296,17 +355,23 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
     input column with keep="all") followed by anomaly_score, recon_nll, kl, p_value,
     is_anomaly, top_features. `progress(n)` is called with each batch's row count.
     Bad input raises an AnomalyVAEError naming the file and column; no output is left behind.
-    Returns stats: input, output, rows_in, rows_out, flagged, seconds, status.
+    An input with no rows gives an empty output with the same columns and types, and a warning.
+    Returns stats: input, output, rows_in, rows_out, flagged, seconds, status, warnings.
     """
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise DataError(f"{src}: output path is the input file")
     t0 = time.perf_counter()
-    in_schema, read_cols, passthrough = _plan_columns(det, src, keep)
+    in_schema, read_cols, passthrough, warnings = _plan_columns(det, src, keep)
     features = [c.name for c in det.schema_.features]
     # CSV: numeric features read as float64 throughout (no int -> float surprises mid-file)
     csv_types = {c.name: pa.float64() for c in det.schema_.features if c.kind == "numeric"}
     if _is_csv(src):
+        # a column with no values in the first block (header-only file) is inferred as null:
+        # use the type the model saw at fit instead, so empty and non-empty outputs match
+        csv_types.update({c.name: _arrow_type(c.dtype) for c in det.schema_.columns
+                          if c.name in in_schema.names and c.name not in csv_types
+                          and pa.types.is_null(in_schema.field(c.name).type)})
         in_schema = pa.schema([pa.field(f.name, csv_types.get(f.name, f.type)) for f in in_schema])
     out_schema = pa.schema([in_schema.field(c) for c in passthrough] + list(SCORE_FIELDS))
     counts = {"rows": 0, "flagged": 0}
@@ -333,8 +398,12 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
 
     rows_out = write_stream(dst, out_schema, batches())
     seconds = time.perf_counter() - t0
+    if rows_out == 0:
+        warnings.append(f"{src}: no rows; wrote an empty {dst.name}")
+        log.warning("%s", warnings[-1])
     return {"input": str(src), "output": str(dst), "rows_in": counts["rows"], "rows_out": rows_out,
-            "flagged": counts["flagged"], "seconds": round(seconds, 3), "status": "done"}
+            "flagged": counts["flagged"], "seconds": round(seconds, 3), "status": "done",
+            "warnings": warnings}
 
 
 def _conform(arr: pa.Array | pa.ChunkedArray, typ: pa.DataType) -> pa.Array:
@@ -349,13 +418,13 @@ def encode_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], dst: str | o
     file, streamed in record batches and written atomically. Returns the number of rows."""
     features = [c.name for c in det.schema_.features]
     plans = [_plan_columns(det, Path(p), "ids") for p in inputs]
-    first_schema, _, ids = plans[0]
+    first_schema, _, ids, _ = plans[0]
     k = int(det.config_.latent_dim)
     out_schema = pa.schema([first_schema.field(c) for c in ids]
                            + [pa.field(f"z{j}", pa.float32()) for j in range(k)])
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for src, (_, read_cols, passthrough) in zip(inputs, plans):
+        for src, (_, read_cols, passthrough, _) in zip(inputs, plans):
             if passthrough != ids:
                 raise DataError(f"{src}: id columns {passthrough} differ from the first input's {ids}")
             start = 0
@@ -433,7 +502,8 @@ def is_done(entry: dict[str, Any] | None, src: Path) -> bool:
 def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str | os.PathLike, *,
                 model_info: dict[str, Any] | None = None, keep: str = "ids", batch_size: int = 65536,
                 resume: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Score every input to OUT/<stem>.scored.parquet, keeping `_manifest.json` up to date.
+    """Score every input to OUT/<stem>.scored.parquet (see `output_paths` for inputs whose
+    names collide), keeping `_manifest.json` up to date; warnings go to each file's entry.
 
     With `resume`, inputs that the manifest marks done (and whose output is intact) are
     skipped; the manifest must come from the same model. Stops at the first failing input
@@ -446,11 +516,7 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
     stale = remove_stale_temps(out_dir)
     if stale:
         log.info("removed %d stale temporary file(s) from an interrupted run", len(stale))
-    targets = [output_path(p, out_dir) for p in inputs]
-    dupes = sorted({t.name for t in targets if targets.count(t) > 1})
-    if dupes:
-        raise DataError(f"several inputs map to the same output file {dupes}; score them into "
-                        "separate output directories")
+    targets = output_paths(inputs, out_dir)
     model = {k: (model_info or {}).get(k) for k in ("uri", "name", "version", "run_id")}
     previous = read_manifest(out_dir) if resume else None
     if previous is not None:
@@ -492,6 +558,8 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
                 bar.close()
             entry.update({k: stats[k] for k in ("rows_in", "rows_out", "flagged", "seconds")},
                          status="done", finished=_now())
+            if stats["warnings"]:
+                entry["warnings"] = stats["warnings"]
             write_manifest(out_dir, manifest)
             summary["scored"] += 1
             for k in ("rows", "flagged", "seconds"):

@@ -67,6 +67,106 @@ def test_expand_inputs_files_dirs_globs(tmp_path, frame):
         io.expand_inputs([])
 
 
+def test_expand_inputs_searches_directories_recursively(tmp_path):
+    """Hive-style layout: data/dt=2026-01-01/part-0.parquet ... is found from data/."""
+    d = tmp_path / "data"
+    for day in ("2026-01-02", "2026-01-01"):
+        (d / f"dt={day}").mkdir(parents=True)
+        (d / f"dt={day}" / "part-0.parquet").write_bytes(b"x")
+    (d / "top.csv").write_bytes(b"x")
+    for skipped in ("_temporary", ".hidden", "scored"):        # scored/: an output dir with a manifest
+        (d / skipped).mkdir()
+        (d / skipped / "part-9.parquet").write_bytes(b"x")
+    (d / "scored" / io.MANIFEST).write_text("{}")
+    got = [p.relative_to(d).as_posix() for p in io.expand_inputs([d])]
+    assert got == ["dt=2026-01-01/part-0.parquet", "dt=2026-01-02/part-0.parquet", "top.csv"]
+    (d / "empty" / "deeper").mkdir(parents=True)
+    with pytest.raises(DataError, match="empty: directory has no .* \\(searched recursively\\)"):
+        io.expand_inputs([d / "empty"])
+
+
+def test_output_paths_flat_unless_names_collide(tmp_path):
+    out = tmp_path / "out"
+    flat = [tmp_path / "in" / "a.parquet", tmp_path / "in" / "b.csv"]
+    assert io.output_paths(flat, out) == [out / "a.scored.parquet", out / "b.scored.parquet"]
+    hive = [tmp_path / "h" / "dt=2026-01-01" / "part-0.parquet", tmp_path / "h" / "dt=2026-01-02" / "part-0.parquet"]
+    assert io.output_paths(hive, out) == [out / "dt=2026-01-01" / "part-0.scored.parquet",
+                                          out / "dt=2026-01-02" / "part-0.scored.parquet"]
+    with pytest.raises(DataError, match=r"a\.parquet.*a\.csv.*would all be written to"):
+        io.output_paths([tmp_path / "a.parquet", tmp_path / "a.csv", tmp_path / "x" / "a.pq"], out)
+
+
+def test_score_files_nested_outputs_resume_and_stale_temps(tmp_path, fitted, scored_rows):
+    hive = tmp_path / "hive"
+    for i, day in enumerate(("2026-01-01", "2026-01-02")):
+        (hive / f"dt={day}").mkdir(parents=True)
+        scored_rows.iloc[i * 100:(i + 1) * 100].to_parquet(hive / f"dt={day}" / "part-0.parquet", index=False)
+    out = tmp_path / "out"
+    inputs = io.expand_inputs([hive])
+    res = io.score_files(fitted, inputs, out, batch_size=64)
+    assert res["summary"]["scored"] == 2
+    first = out / "dt=2026-01-01" / "part-0.scored.parquet"
+    got = pd.read_parquet(first)
+    assert got["row_id"].tolist() == scored_rows["row_id"].iloc[:100].tolist()
+    entry = io.read_manifest(out)["files"][str(inputs[0].resolve())]
+    assert entry["output"] == str(first) and entry["status"] == "done"
+    # a killed run left a temporary in a subfolder; --resume removes it and skips finished files
+    (out / "dt=2026-01-02" / ".part-0.scored.parquet.tmp-0badc0de").write_bytes(b"half")
+    mtime = first.stat().st_mtime_ns
+    res = io.score_files(fitted, io.expand_inputs([str(hive / "dt=*" / "*.parquet")]), out, resume=True)
+    assert (res["summary"]["scored"], res["summary"]["skipped"]) == (0, 2)
+    assert first.stat().st_mtime_ns == mtime and _leftovers(out / "dt=2026-01-02") == []
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_duplicate_column_names_name_file_and_column(tmp_path, fitted, scored_rows, suffix):
+    table = pa.Table.from_pandas(scored_rows.head(20), preserve_index=False)
+    table = table.append_column("amount", table.column("amount"))      # a second 'amount'
+    src = tmp_path / f"dup{suffix}"
+    if suffix == ".csv":
+        import pyarrow.csv as pacsv
+        pacsv.write_csv(table, src)
+    else:
+        pq.write_table(table, src)
+    pattern = rf"dup\{suffix}: duplicate column name\(s\) \['amount'\]"
+    with pytest.raises(DataError, match=pattern):
+        io.input_schema(src)
+    with pytest.raises(DataError, match=pattern):
+        io.read_table(src)
+    with pytest.raises(DataError, match=pattern):
+        io.score_file(fitted, src, tmp_path / "o" / "dup.scored.parquet")
+    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+
+
+@pytest.mark.parametrize("keep", ["ids", "all"])
+def test_missing_id_column_is_a_warning(tmp_path, fitted, scored_rows, caplog, keep):
+    scored_rows.head(50).drop(columns=["row_id"]).to_parquet(tmp_path / "noid.parquet", index=False)
+    res = io.score_files(fitted, [tmp_path / "noid.parquet"], tmp_path / "out", keep=keep)
+    assert res["summary"]["rows"] == 50
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("noid.parquet" in w and "'row_id'" in w and "no key column" in w for w in warned), warned
+    entry = io.read_manifest(tmp_path / "out")["files"][str((tmp_path / "noid.parquet").resolve())]
+    assert any("'row_id'" in w for w in entry["warnings"])
+
+
+def test_empty_inputs_warn_and_keep_the_output_schema(tmp_path, fitted, scored_rows, caplog):
+    rows = scored_rows.head(30)
+    rows.to_csv(tmp_path / "full.csv", index=False)
+    rows.head(0).to_csv(tmp_path / "empty.csv", index=False)             # header only
+    rows.head(0).to_parquet(tmp_path / "empty0.parquet", index=False)
+    res = io.score_files(fitted, [tmp_path / "full.csv", tmp_path / "empty.csv", tmp_path / "empty0.parquet"],
+                         tmp_path / "out")
+    assert res["summary"]["rows"] == 30
+    full = pq.read_schema(tmp_path / "out" / "full.scored.parquet")
+    empty = pq.read_table(tmp_path / "out" / "empty.scored.parquet")
+    assert empty.num_rows == 0 and empty.schema == full                  # row_id: string, not null/object
+    assert pa.types.is_string(empty.schema.field("row_id").type)
+    assert pq.read_table(tmp_path / "out" / "empty0.scored.parquet").schema.names == ["row_id"] + SCORE_COLS
+    warned = " | ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "empty.csv: no rows" in warned and "empty0.parquet: no rows" in warned
+    assert "full.csv" not in warned
+
+
 def test_read_table_parquet_csv_and_errors(tmp_path, frame):
     small = frame.head(50)
     small.to_parquet(tmp_path / "t.parquet", index=False)
@@ -205,10 +305,13 @@ def test_score_files_manifest_and_resume(tmp_path, fitted, scored_rows):
     other = {**info, "uri": "models:/m/2", "version": 2}
     with pytest.raises(DataError, match="written by model models:/m/1"):
         io.score_files(fitted, inputs, out, model_info=other, resume=True)
-    with pytest.raises(DataError, match="same output file"):
-        (tmp_path / "again").mkdir()
-        scored_rows.head(5).to_parquet(tmp_path / "again" / "part-0.parquet", index=False)
-        io.score_files(fitted, inputs + [tmp_path / "again" / "part-0.parquet"], out)
+    # same base name in two folders: outputs keep the folders (relative to the common parent)
+    (tmp_path / "again").mkdir()
+    scored_rows.head(5).to_parquet(tmp_path / "again" / "part-0.parquet", index=False)
+    res = io.score_files(fitted, inputs + [tmp_path / "again" / "part-0.parquet"], tmp_path / "both")
+    assert res["summary"]["scored"] == 4
+    assert pq.read_metadata(tmp_path / "both" / "again" / "part-0.scored.parquet").num_rows == 5
+    assert pq.read_metadata(tmp_path / "both" / "in" / "part-0.scored.parquet").num_rows == 200
 
 
 def test_manifest_unreadable_and_atomic(tmp_path):
