@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import click
 
-from .errors import AnomalyVAEError, DataError, ModelNotFoundError
+from .errors import AnomalyVAEError, DataError, ModelNotFoundError, SchemaMismatchError
 
 log = logging.getLogger(__name__)
 USER_ERROR, INTERNAL_ERROR = 2, 1
@@ -172,6 +172,22 @@ def _mlflow_options(f):
     return click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")(f)
 
 
+def _split_names(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Option callback: `--exclude a,b --exclude c` -> ('a', 'b', 'c') (repeated and/or comma lists)."""
+    return tuple(dict.fromkeys(n.strip() for v in values for n in v.split(",") if n.strip()))
+
+
+def _column_list_option(name: str, help: str):
+    return click.option(name, multiple=True, metavar="COL[,COL...]", callback=_split_names,
+                        help=f"{help} (repeat the option or give a comma-separated list).")
+
+
+def _where(paths: list[Path], most: int = 3) -> str:
+    """The input file(s) for an error message: 'a.parquet, b.parquet, c.parquet (+2 more)'."""
+    more = f" (+{len(paths) - most} more)" if len(paths) > most else ""
+    return ", ".join(str(p) for p in paths[:most]) + more
+
+
 def _fmt(x: Any, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
@@ -182,9 +198,9 @@ def _fmt(x: Any, digits: int = 4) -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries; only errors (for cron).")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", metavar="URI",
-              help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
+              show_default="$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db", help="MLflow tracking URI.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Torch threads [default: 1 for scoring, the detector's rule for training].")
+              show_default="1 for scoring, the detector's rule for training", help="Torch threads.")
 @click.pass_context
 def main(ctx: click.Context, quiet: bool, debug: bool, tracking_uri: str | None, threads: int | None) -> None:
     """Variational-autoencoder anomaly detection for tables and transactions.
@@ -206,18 +222,20 @@ def main(ctx: click.Context, quiet: bool, debug: bool, tracking_uri: str | None,
 @main.command(short_help="Fit a detector on parquet/CSV data and save / log / register it.")
 @click.argument("data", nargs=-1, required=True)
 @click.option("--label", metavar="COL", help="Label column (1 = anomaly); those rows are left out of training.")
-@click.option("--categorical", multiple=True, metavar="COL", help="Treat COL as categorical (repeatable).")
-@click.option("--exclude", multiple=True, metavar="COL", help="Leave COL out entirely (repeatable).")
-@click.option("--id-col", multiple=True, metavar="COL", help="Pass COL through as an id, not a feature (repeatable).")
+@_column_list_option("--categorical", "Treat these columns as categorical")
+@_column_list_option("--exclude", "Leave these columns out entirely")
+@_column_list_option("--id-col", "Pass these columns through as ids, not features")
 @click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
               show_default=True, help="False-alarm rate on normal rows the threshold is calibrated to.")
 @click.option("--contamination", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=None,
               help="Unlabelled, possibly dirty data: flag this top fraction of training scores instead.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Maximum epochs [default: automatic].")
-@click.option("--latent-dim", type=click.IntRange(min=1), default=None, help="Latent dimensions [default: automatic].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, show_default="automatic",
+              help="Maximum epochs.")
+@click.option("--latent-dim", type=click.IntRange(min=1), default=None, show_default="automatic",
+              help="Latent dimensions.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default=None,
-              help="Model directory to write [default: models/<register name or first input's name>].")
+              show_default="models/<register name or first input's name>", help="Model directory to write.")
 @click.option("--register", metavar="NAME", help="Register the model in the MLflow registry under NAME.")
 @_mlflow_options
 @pass_state
@@ -225,7 +243,7 @@ def train(state: State, data: tuple[str, ...], label: str | None, categorical: t
           exclude: tuple[str, ...], id_col: tuple[str, ...], target_fpr: float, contamination: float | None,
           epochs: int | None, latent_dim: int | None, seed: int, output: str | None, register: str | None,
           no_mlflow: bool, experiment: str) -> None:
-    """Fit a detector on DATA (parquet/CSV files, directories or globs).
+    """Fit a detector on DATA (parquet/CSV files, directories searched recursively, or globs).
 
     Saves a model directory and, unless --no-mlflow, logs an MLflow run (params, per-epoch
     metrics, plots, the model) and optionally registers it.
@@ -243,6 +261,8 @@ def train(state: State, data: tuple[str, ...], label: str | None, categorical: t
         raise click.BadParameter("--register needs MLflow; drop --no-mlflow", param_hint="--register")
     paths = io.expand_inputs(data)
     df = io.read_tables(paths)
+    if len(df) < 2:
+        raise DataError(f"{_where(paths)}: {len(df)} row(s); training needs at least 2")
     n_anom = 0
     if label:                       # check the label column before spending time on training
         from .evaluate import labels_from
@@ -253,7 +273,10 @@ def train(state: State, data: tuple[str, ...], label: str | None, categorical: t
                              id_cols=id_col or None, target_fpr=target_fpr, contamination=contamination,
                              max_epochs=epochs, latent_dim=latent_dim, random_state=seed,
                              n_threads=state.threads, verbose=state.progress)
-    det.fit(df)
+    try:
+        det.fit(df)
+    except (DataError, SchemaMismatchError) as exc:   # fit names columns and rows; add the file(s)
+        raise type(exc)(f"{_where(paths)}: {exc}") from exc
     out_dir = Path(output or Path("models") / (register or paths[0].stem))
     det.save(out_dir)
     run = None
@@ -303,10 +326,18 @@ def _train_summary(state: State, det: Any, n_rows: int, n_anom: int, label: str 
 @pass_state
 def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: str, batch_size: int,
           resume: bool) -> None:
-    """Score INPUTS (parquet/CSV files, directories or globs) in streamed batches.
+    """Score INPUTS (parquet/CSV files, directories searched recursively, or globs) in
+    streamed batches.
 
     Output columns: the id columns (or all with --keep all) + anomaly_score, recon_nll, kl,
-    p_value, is_anomaly, top_features. Each output appears only when complete.
+    p_value, is_anomaly, top_features. Each output appears only when complete. Outputs are
+    OUTPUT/<name>.scored.parquet; when two inputs share a name (dt=2026-01-01/part-0.parquet,
+    dt=2026-01-02/part-0.parquet) every output keeps its input's folder relative to the
+    inputs' common parent (OUTPUT/dt=2026-01-01/part-0.scored.parquet).
+
+    An id column of the model missing from an input, or an input with no rows, is a warning
+    (on stderr unless -q, and in the file's _manifest.json entry), not an error: the file is still scored,
+    without that key column / into an empty output with the usual columns.
 
     \b
     Examples:
@@ -353,6 +384,8 @@ def evaluate(state: State, model: str, data: tuple[str, ...], label: str, no_mlf
     df = io.read_tables(paths)
     if label not in df.columns:
         raise DataError(f"{paths[0]}: label column '{label}' not found; columns are {list(df.columns)}")
+    if len(df) == 0:
+        raise DataError(f"{_where(paths)}: no rows to evaluate")
     det, info = state.load_model(model)
     if no_mlflow:
         from .evaluate import evaluate as run_eval
@@ -426,16 +459,21 @@ def models() -> None:
     """List registered model versions and move aliases (champion / challenger)."""
 
 
-@models.command("list")
-@click.argument("name")
+@models.command("list", short_help="All registered models, or the versions of model NAME.")
+@click.argument("name", required=False)
 @pass_state
-def models_list(state: State, name: str) -> None:
-    """List the versions of registered model NAME with aliases and metrics.
+def models_list(state: State, name: str | None) -> None:
+    """List the versions of registered model NAME with aliases and metrics; without NAME,
+    list every registered model with its latest version and aliases.
 
     \b
-    Example:
+    Examples:
+      anomaly-vae models list
       anomaly-vae models list demo-transactions
     """
+    if name is None:
+        _list_registered_models(state)
+        return
     with state.muted():
         versions = state.tracking().list_versions(name)
     if not versions:
@@ -450,7 +488,7 @@ def models_list(state: State, name: str) -> None:
                    f"{metrics}".rstrip())
 
 
-@models.command("promote")
+@models.command("promote", short_help="Point alias ALIAS of model NAME at VERSION.")
 @click.argument("name")
 @click.argument("version", type=click.IntRange(min=1))
 @click.option("--alias", default="champion", show_default=True, help="Alias to point at VERSION.")
@@ -475,6 +513,29 @@ def models_promote(state: State, name: str, version: int, alias: str) -> None:
     state.echo(f"{name}@{alias} -> version {version}{was}")
 
 
+def _list_registered_models(state: State) -> None:
+    """One line per registered model: name, latest version, aliases (printed even with --quiet)."""
+    with state.muted():
+        state.tracking()                                   # configures the store first
+        from mlflow.tracking import MlflowClient
+
+        client, found, token = MlflowClient(), [], None
+        while True:
+            page = client.search_registered_models(max_results=1000, page_token=token)
+            found += list(page)
+            token = page.token
+            if not token:
+                break
+    if not found:
+        state.echo(f"no registered models in {state.resolved_uri}")
+        return
+    for rm in sorted(found, key=lambda m: m.name):
+        versions = [int(v.version) for v in rm.latest_versions or []]
+        latest = f"v{max(versions)}" if versions else "-"
+        aliases = " ".join(f"@{a}=v{v}" for a, v in sorted((rm.aliases or {}).items())) or "-"
+        click.echo(f"{rm.name:<24} latest {latest:<5} {aliases}")
+
+
 # ------------------------------------------------------------------ demo
 @main.command(short_help="Synthetic transactions -> train -> score -> evaluate -> MLflow.")
 @click.option("--rows", type=click.IntRange(min=1000), default=100_000, show_default=True,
@@ -484,7 +545,8 @@ def models_promote(state: State, name: str, version: int, alias: str) -> None:
 @click.option("--scored-dir", type=click.Path(file_okay=False), default="scored/demo", show_default=True)
 @click.option("--register", metavar="NAME", default="demo-transactions", show_default=True,
               help="Registered model name (gets alias champion).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Maximum epochs [default: automatic].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, show_default="automatic",
+              help="Maximum epochs.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_mlflow_options
 @pass_state
@@ -576,8 +638,12 @@ def _ui_uri(uri: str | None) -> str:
 
 
 def _add_retrain() -> None:
+    import copy
+
     from pipelines.retrain import retrain_command   # scheduled retraining lives in pipelines/
-    main.add_command(retrain_command, name="retrain")
+    command = copy.copy(retrain_command)            # the group's listing needs a summary that fits
+    command.short_help = "Retrain on recent dated partitions; promote if better."
+    main.add_command(command, name="retrain")
 
 
 _add_retrain()

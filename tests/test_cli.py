@@ -69,6 +69,17 @@ def test_every_command_has_help(cmd):
         assert "Example" in r.output
 
 
+def test_help_summaries_fit_and_defaults_are_shown():
+    """Command summaries are not cut off ("...") and options show their defaults the same way."""
+    for group in ([], ["models"]):
+        listing = run(*group, "--help", terminal_width=80).output.split("Commands:")[1]
+        assert "..." not in listing, listing
+    assert "retrain" in run("--help").output
+    train_help = " ".join(run("train", "--help").output.split())
+    assert "[default: (automatic); x>=1]" in train_help and "[default: 0.01; 0<x<1]" in train_help
+    assert "comma-separated" in train_help
+
+
 def test_heavy_imports_stay_inside_commands():
     """--help must not pay for torch or MLflow: cli.py and io.py import them only inside functions."""
     import ast
@@ -107,6 +118,89 @@ def test_train_summary(data, tmp_path):
     assert "ids: transaction_id" in out and "epochs:     2" in out and "target FPR 0.05" in out
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["params"]["target_fpr"] == 0.05 and cfg["params"]["random_state"] == 1
+
+
+def test_train_accepts_comma_separated_and_repeated_column_lists(data, tmp_path):
+    r = run("-q", "--threads", "1", "train", data["train"], "--label", "label", "--exclude", "customer_id,fraud_type",
+            "--id-col", "transaction_id", "--categorical", "channel, country", "--categorical", "merchant_category",
+            "--epochs", "1", "--no-mlflow", "-o", tmp_path / "m")
+    assert r.output == ""
+    params = json.loads((tmp_path / "m" / "config.json").read_text())["params"]
+    assert params["exclude"] == ["customer_id", "fraud_type"] and params["id_cols"] == ["transaction_id"]
+    assert params["categorical"] == ["channel", "country", "merchant_category"]
+
+
+def _dup_amount(data, dst: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(pd.read_parquet(data["incoming"] / "part-0.parquet"), preserve_index=False)
+    pq.write_table(table.append_column("amount", table.column("amount")), dst)
+    return dst
+
+
+def test_duplicate_columns_one_line_exit_2_no_output(data, model_dir, tmp_path):
+    src = _dup_amount(data, tmp_path / "dup.parquet")
+    for args in (["score", "-m", model_dir, src, "-o", tmp_path / "scored"],
+                 ["train", src, "--no-mlflow", "-o", tmp_path / "m"]):
+        r = run(*args, ok=False)
+        assert r.exit_code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "dup.parquet" in lines[0] and "duplicate column name(s) ['amount']" in lines[0]
+    assert not list((tmp_path / "scored").glob("*.parquet")) and not (tmp_path / "m").exists()
+
+
+def test_score_hive_layout_keeps_partition_folders(data, model_dir, tmp_path):
+    hive = tmp_path / "hive"
+    for i, day in enumerate(("2026-01-01", "2026-01-02")):
+        (hive / f"dt={day}").mkdir(parents=True)
+        data["frame"].iloc[1600 + 100 * i:1700 + 100 * i].to_parquet(hive / f"dt={day}" / "part-0.parquet",
+                                                                     index=False)
+    out = tmp_path / "out"
+    r = run("score", "-m", model_dir, str(hive / "dt=*" / "*.parquet"), "-o", out)
+    assert "2 scored" in r.stdout and "200 scored" in r.stdout
+    for i, day in enumerate(("2026-01-01", "2026-01-02")):
+        got = pd.read_parquet(out / f"dt={day}" / "part-0.scored.parquet")
+        assert got["transaction_id"].tolist() == data["frame"]["transaction_id"].iloc[1600 + 100 * i:
+                                                                                     1700 + 100 * i].tolist()
+    # the directory itself is searched recursively; --resume recognises the nested outputs
+    r = run("score", "-m", model_dir, hive, "-o", out, "--resume")
+    assert "0 scored, 2 skipped" in r.stdout
+    # a flat directory still gives flat names (no collision)
+    run("-q", "score", "-m", model_dir, data["incoming"], "-o", tmp_path / "flat")
+    assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == \
+        ["_manifest.json"] + [f"part-{i}.scored.parquet" for i in range(3)]
+
+
+def test_score_warns_on_missing_id_column_and_empty_inputs(data, model_dir, tmp_path):
+    rows = pd.read_parquet(data["incoming"] / "part-0.parquet")
+    rows.drop(columns=["transaction_id"]).head(20).to_parquet(tmp_path / "noid.parquet", index=False)
+    rows.head(0).to_parquet(tmp_path / "zero.parquet", index=False)
+    rows.head(0).to_csv(tmp_path / "header.csv", index=False)
+    rows.head(20).to_csv(tmp_path / "rows.csv", index=False)
+    r = run("score", "-m", model_dir, tmp_path / "noid.parquet", tmp_path / "zero.parquet", tmp_path / "header.csv",
+            tmp_path / "rows.csv", "-o", tmp_path / "out")
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("WARNING")]
+    assert any("noid.parquet" in w and "'transaction_id'" in w for w in warnings), r.stderr
+    assert any("zero.parquet: no rows" in w for w in warnings) and any("header.csv: no rows" in w for w in warnings)
+    assert len(warnings) == 3, warnings
+    assert "transaction_id" not in pd.read_parquet(tmp_path / "out" / "noid.scored.parquet").columns
+    empty = pd.read_parquet(tmp_path / "out" / "header.scored.parquet")
+    full = pd.read_parquet(tmp_path / "out" / "rows.scored.parquet")
+    assert len(empty) == 0 and (empty.dtypes == full.dtypes).all()        # id column: string, not object
+
+
+def test_too_few_rows_errors_name_the_file(data, model_dir, tmp_path):
+    data["frame"].head(0).to_parquet(tmp_path / "zerorows.parquet", index=False)
+    for args in (["train", tmp_path / "zerorows.parquet", "--no-mlflow", "-o", tmp_path / "m"],
+                 ["evaluate", "-m", model_dir, tmp_path / "zerorows.parquet", "--no-mlflow"]):
+        r = run(*args, ok=False)
+        assert r.exit_code == 2 and "zerorows.parquet" in r.stderr, r.stderr
+        assert "n_samples" not in r.stderr and "evaluate_scores" not in r.stderr
+    # all rows labelled anomalous: the detector's message gets the file name too
+    data["frame"].head(50).assign(label=1).to_parquet(tmp_path / "allfraud.parquet", index=False)
+    r = run("train", tmp_path / "allfraud.parquet", "--label", "label", "--no-mlflow", "-o", tmp_path / "m", ok=False)
+    assert r.exit_code == 2 and r.stderr.startswith(f"Error: {tmp_path / 'allfraud.parquet'}: "), r.stderr
 
 
 def test_score_directory_matches_explain(data, model_dir, tmp_path):
@@ -252,6 +346,10 @@ def test_train_register_promote_score_by_alias(data, tmp_path):
     assert "cli-test@champion -> version 1" in r.stdout
     listing = run("--tracking-uri", uri, "models", "list", "cli-test").stdout
     assert "@champion" in listing
+    everything = run("--tracking-uri", uri, "models", "list").stdout.split()     # no NAME: every model
+    assert everything == ["cli-test", "latest", "v1", "@champion=v1"], everything
+    empty_store = f"sqlite:///{tmp_path / 'empty.db'}"
+    assert "no registered models" in run("--tracking-uri", empty_store, "models", "list").stdout
     bad = run("--tracking-uri", uri, "models", "promote", "cli-test", "9", ok=False)
     assert bad.exit_code == 2 and "no version 9" in bad.stderr
 
