@@ -396,3 +396,21 @@ def test_demo_with_mlflow_registers_champion(tmp_path, monkeypatch):
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
     listing = run("models", "list", "demo-transactions").stdout
     assert "demo-transactions v1" in listing and "@champion" in listing
+
+
+# ------------------------------------------------------------------ pipelines/README.md
+def test_pipelines_readme_try_it_makes_a_dated_window(tmp_path, monkeypatch):
+    """The 'Try it' snippet writes data/YYYY-MM-DD.parquet files that the retrain window reads by date."""
+    import re
+
+    from pipelines.window import list_partitions, select_window
+
+    text = (Path(__file__).resolve().parents[1] / "pipelines" / "README.md").read_text()
+    section = text.split("## Try it", 1)[1]
+    code = re.search(r"python - <<'PY'\n(.*?)\nPY\n", section, re.S).group(1)
+    assert "anomaly-vae retrain payments data/ --days 8" in section
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "pipelines/README.md", "exec"), {})
+    window = select_window(list_partitions(["data/"]), days=8)
+    assert [str(p.date) for p in window] == [f"2026-01-0{d}" for d in range(1, 9)]
+    assert sum(len(pd.read_parquet(p.path)) for p in window) == 8_000
