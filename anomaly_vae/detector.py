@@ -155,10 +155,11 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         return np.sort(train), np.sort(val), np.sort(cal if n_cal else train)
 
     def _calibrate(self, X_all: np.ndarray, train_idx: np.ndarray, cal_idx: np.ndarray) -> None:
-        terms = self._terms_from_X(X_all)
+        terms = self._terms_from_X(X_all, attribute=False)
         cal_scores = terms.anomaly_score[cal_idx]
         held_out = not np.array_equal(cal_idx, train_idx)
         self.column_median_ = np.median(terms.column_nll[cal_idx], axis=0)
+        self.typical_x_ = _typical_row(X_all[cal_idx], self.preprocessor_.categorical_spans)
         if self.config_.contamination is not None:
             self.threshold_ = S.contamination_threshold(terms.anomaly_score, self.config_.contamination)
             method = "contamination"
@@ -184,14 +185,24 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
                             f"{self.n_features_in_} features as input")
         return self.schema_.validate(df)
 
-    def _terms_from_X(self, X: np.ndarray) -> S.ScoreTerms:
+    def _terms_from_X(self, X: np.ndarray, attribute: bool = True) -> S.ScoreTerms:
+        owner = self.preprocessor_.dim_to_column()
+        n_cols = len(self.preprocessor_.spans)
         dim_nll, kl = self.vae_.score_terms(X)
-        terms = S.anomaly_scores(dim_nll, kl, self.preprocessor_.dim_to_column(), len(self.preprocessor_.spans))
+        terms = S.anomaly_scores(dim_nll, kl, owner, n_cols)
         if self.config_.score_method == "recon":
-            return terms._replace(anomaly_score=terms.recon_nll)
-        if self.config_.score_method == "iwae":
+            terms = terms._replace(anomaly_score=terms.recon_nll)
+        elif self.config_.score_method == "iwae":
             iw = self.vae_.iwae_nll(X, self.config_.n_importance_samples, seed=self.config_.seed)
-            return terms._replace(anomaly_score=iw)
+            terms = terms._replace(anomaly_score=iw)
+        flagged = terms.anomaly_score > self.threshold_ if attribute else None
+        if attribute and self.typical_x_ is not None and flagged.any():
+            # the KL term has no column of its own: for flagged rows, charge each column the KL it
+            # causes (how much KL falls when that column alone takes its typical value)
+            column_kl = np.zeros_like(terms.column_nll)
+            column_kl[flagged] = self.vae_.kl_occlusion(
+                X[flagged], [np.flatnonzero(owner == j) for j in range(n_cols)], self.typical_x_)
+            terms = terms._replace(column_kl=column_kl)
         return terms
 
     def score_terms(self, X: Any) -> S.ScoreTerms:
@@ -221,14 +232,17 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
     def explain(self, X: Any, top_k: int | None = None) -> pd.DataFrame:
         """Score table: anomaly_score, recon_nll, kl, p_value, is_anomaly, top_features.
 
-        top_features lists the columns whose NLL exceeds its median on calibration normals the
-        most, as 'column:+contribution' (nats) separated by ';'.
+        top_features lists the columns with the largest contributions, as 'column:+nats'
+        separated by ';'. A contribution is the column's NLL above its median on calibration
+        normals; for flagged rows it also counts the KL the column causes (the drop in KL when
+        that column alone is set to its typical calibration value), so a value the encoder maps
+        far into the latent space is named even when it is reconstructed well.
         """
         terms = self.score_terms(X)
         return self.score_table(terms, top_k)
 
     def score_table(self, terms: S.ScoreTerms, top_k: int | None = None) -> pd.DataFrame:
-        contrib = S.feature_contributions(terms.column_nll, self.column_median_)
+        contrib = S.feature_contributions(terms, self.column_median_)
         names = [s.column for s in self.preprocessor_.spans]
         return pd.DataFrame({
             "anomaly_score": terms.anomaly_score,
@@ -240,9 +254,10 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         })
 
     def contributions(self, X: Any) -> pd.DataFrame:
-        """Per-column contribution (nats above the calibration median), one column per feature."""
+        """Per-column contribution in nats, one column per feature: the column's NLL above its
+        calibration median, plus (flagged rows) the KL the column causes."""
         terms = self.score_terms(X)
-        contrib = S.feature_contributions(terms.column_nll, self.column_median_)
+        contrib = S.feature_contributions(terms, self.column_median_)
         return pd.DataFrame(contrib, columns=[s.column for s in self.preprocessor_.spans])
 
     def encode(self, X: Any) -> np.ndarray:
@@ -299,3 +314,12 @@ def _reference_profile(df: pd.DataFrame, schema: Schema, pre: Preprocessor, bins
             freq = s.astype("string").fillna("<null>").value_counts(normalize=True)
             prof[col.name] = {"kind": "categorical", "freq": {str(k): float(v) for k, v in freq.items()}}
     return prof
+
+
+def _typical_row(X: np.ndarray, categorical_spans: list[tuple[int, int]]) -> np.ndarray:
+    """Encoded "typical" row: per-dim median; the most frequent category in one-hot blocks."""
+    typical = np.median(X, axis=0)
+    for a, b in categorical_spans:
+        typical[a:b] = 0.0
+        typical[a + int(np.argmax(X[:, a:b].sum(0)))] = 1.0
+    return typical.astype(np.float32)

@@ -182,6 +182,27 @@ class VAE(nn.Module):
         return out
 
     @torch.no_grad()
+    def kl_occlusion(self, X: np.ndarray, column_dims: list[np.ndarray], typical: np.ndarray,
+                     max_cells: int = 1 << 22) -> np.ndarray:
+        """KL each column causes: KL(q(z|x)) minus KL with that column's dims set to `typical`
+        (its usual encoded value), floored at 0. (n, n_columns); one encoder pass per column."""
+        self.eval()
+        n_cols = len(column_dims)
+        out = np.zeros((len(X), n_cols), dtype=np.float64)
+        chunk = max(1, max_cells // max(1, (n_cols + 1) * self.n_dims))
+        typ = torch.from_numpy(np.asarray(typical, dtype=np.float32))
+        for i in range(0, len(X), chunk):
+            x = torch.from_numpy(X[i:i + chunk])
+            m = len(x)
+            batch = x.repeat(n_cols + 1, 1)
+            for j, dims in enumerate(column_dims, start=1):
+                idx = torch.as_tensor(dims, dtype=torch.long)
+                batch[j * m:(j + 1) * m, idx] = typ[idx]
+            kl = kl_divergence(*self.encode(batch)).sum(1).view(n_cols + 1, m)
+            out[i:i + m] = (kl[0] - kl[1:]).clamp_min(0.0).T.double().numpy()
+        return out
+
+    @torch.no_grad()
     def latent_means(self, X: np.ndarray, batch_size: int = 8192) -> np.ndarray:
         self.eval()
         return np.concatenate([self.encode(torch.from_numpy(X[i:i + batch_size]))[0].numpy()

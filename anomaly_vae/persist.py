@@ -72,6 +72,7 @@ def save_model(det: "VAEAnomalyDetector", path: str | os.PathLike) -> str:
         _dump(tmp / "preprocess.json", det.preprocessor_.to_dict())
         _dump(tmp / "calibration.json", {**det.calibration_, "column_median": det.column_median_.tolist(),
                                          "scores": det.calibration_scores_.tolist(),
+                                         "typical_x": det.typical_x_.tolist(),
                                          "reference": det.reference_})
         _dump(tmp / "metrics.json", {"history": det.history_.to_dict(), "fit_seconds": det.fit_seconds_})
         state = {k: v.contiguous() for k, v in det.vae_.state_dict().items()}
@@ -134,8 +135,11 @@ def load_model(path: str | os.PathLike) -> "VAEAnomalyDetector":
     det.offset_ = -det.threshold_
     det.column_median_ = np.asarray(cal["column_median"], dtype=np.float64)
     det.calibration_scores_ = np.asarray(cal["scores"], dtype=np.float64)
+    typical = cal.get("typical_x")             # absent in models saved before KL attribution
+    det.typical_x_ = None if typical is None else np.asarray(typical, dtype=np.float32)
     det.reference_ = cal.get("reference", {})
-    det.calibration_ = {k: v for k, v in cal.items() if k not in ("column_median", "scores", "reference")}
+    det.calibration_ = {k: v for k, v in cal.items()
+                        if k not in ("column_median", "scores", "reference", "typical_x")}
     det.history_ = History(**metrics["history"])
     det.fit_seconds_ = float(metrics.get("fit_seconds", 0.0))
     return det

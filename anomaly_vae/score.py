@@ -16,6 +16,7 @@ class ScoreTerms(NamedTuple):
     recon_nll: np.ndarray       # (n,)
     kl: np.ndarray              # (n,)
     column_nll: np.ndarray      # (n, n_columns)
+    column_kl: np.ndarray | None = None   # (n, n_columns) KL each column causes (flagged rows), else None
 
 
 def column_nll(dim_nll: np.ndarray, owner: np.ndarray, n_columns: int) -> np.ndarray:
@@ -33,9 +34,11 @@ def anomaly_scores(dim_nll: np.ndarray, kl: np.ndarray, owner: np.ndarray, n_col
     return ScoreTerms(recon + kl, recon, kl, col)
 
 
-def feature_contributions(col_nll: np.ndarray, reference_median: np.ndarray) -> np.ndarray:
-    """Each column's NLL minus its median NLL on calibration normals. (n, c) -> (n, c)."""
-    return col_nll - reference_median[None, :]
+def feature_contributions(terms: ScoreTerms, reference_median: np.ndarray) -> np.ndarray:
+    """Each column's NLL minus its median NLL on calibration normals, plus the KL the column
+    causes where that was measured (`ScoreTerms.column_kl`). (n, c)"""
+    contrib = terms.column_nll - reference_median[None, :]
+    return contrib if terms.column_kl is None else contrib + terms.column_kl
 
 
 def top_features(contrib: np.ndarray, names: Sequence[str], k: int = 3) -> pd.Series:

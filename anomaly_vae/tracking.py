@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from . import __version__
 from . import plots
+from . import score as S
 from .errors import ModelNotFoundError
 from .evaluate import evaluate_scores, labels_from
 
@@ -333,7 +334,7 @@ def log_training_run(det: "VAEAnomalyDetector", train_df: pd.DataFrame, *, datas
             _log_dataset(eval_df, eval_name, None, label, "evaluation")
         mlflow.log_figure(plots.score_histogram(terms.anomaly_score, y, det.threshold_),
                           f"plots/score_histogram_{hist_name}.png")
-        contrib = terms.column_nll - det.column_median_[None, :]   # = det.contributions(X), no re-scoring
+        contrib = S.feature_contributions(terms, det.column_median_)   # = det.contributions(X), no re-scoring
         mlflow.log_figure(plots.column_error(det, contrib, y=y, contributions=True), "plots/column_error.png")
 
         _log_model(det, train_df if label is None or label not in train_df.columns

@@ -159,3 +159,17 @@ def test_always_present_indicators_do_not_change_the_network_size(fitted):
     silent = [s.column for s in pre.spans if s.indicator >= 0 and not pre.params[s.column]["has_missing"]]
     assert silent == ["amount", "y", "ts"] and pre.n_varying_dims == pre.n_dims - 3
     assert fitted.config_.hidden == fitted._config().resolve(1, pre.n_varying_dims).hidden
+
+
+def test_flagged_rows_charge_columns_for_the_kl_they_cause(fitted, frame):
+    rows = frame.head(40).reset_index(drop=True)
+    rows.loc[:19, "amount"] *= 40                    # 20 extreme rows, 20 ordinary ones
+    terms = fitted.score_terms(rows)
+    flagged = terms.anomaly_score > fitted.threshold_
+    assert flagged[:20].all() and terms.column_kl is not None
+    assert (terms.column_kl[~flagged] == 0).all() and (terms.column_kl >= 0).all()
+    amount = [s.column for s in fitted.preprocessor_.spans].index("amount")
+    assert (terms.column_kl[:20, amount] > 0).all()
+    contrib = fitted.contributions(rows).to_numpy()
+    np.testing.assert_allclose(contrib, terms.column_nll - fitted.column_median_ + terms.column_kl)
+    assert fitted.explain(rows).top_features[:20].str.startswith("amount:").all()

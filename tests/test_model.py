@@ -61,3 +61,23 @@ def test_iwae_bounds_elbo_and_sample_has_valid_one_hot():
     S = vae.sample(50, seed=1)
     assert S.shape == (50, 7) and np.all(S[:, 4:7].sum(1) == 1)
     np.testing.assert_array_equal(S, vae.sample(50, seed=1))
+
+
+def test_kl_occlusion_is_the_kl_drop_when_one_column_takes_its_typical_value():
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    columns = [np.array([0]), np.array([1]), np.array([2, 3]), np.array([4, 5, 6])]
+    typical = np.array([0, 0, 0, 0, 1, 0, 0], dtype=np.float32)
+    X = np.tile(typical, (700, 1))            # > one chunk with max_cells below
+    X[:, 0] = np.linspace(-30, 30, 700)
+    X[:, 1] = 3.0
+    got = vae.kl_occlusion(X, columns, typical, max_cells=2048)
+    assert got.shape == (700, 4) and (got >= 0).all()
+    kl = lambda a: kl_divergence(*vae.encode(torch.from_numpy(a))).sum(1).detach().numpy()
+    for j, dims in enumerate(columns):
+        occluded = X.copy()
+        occluded[:, dims] = typical[dims]
+        np.testing.assert_allclose(got[:, j], np.maximum(kl(X) - kl(occluded), 0), rtol=1e-5, atol=1e-5)
+    assert got[:, 2:].max() < 1e-4             # columns already typical cause no KL (float32 noise)
+    assert got[:, 0].max() > 0.1               # an extreme value does (even untrained)
+    assert (vae.kl_occlusion(typical[None, :], columns, typical) == 0).all()
