@@ -60,6 +60,7 @@ class Preprocessor:
             s = df[col.name]
             if col.kind == "numeric":
                 self.params[col.name] = self._fit_numeric(col.name, s.to_numpy("float64", na_value=np.nan))
+                self.params[col.name]["integer"] = col.dtype.lower().startswith(("int", "uint"))
             elif col.kind == "datetime":
                 self.params[col.name] = {"kind": "datetime", "has_missing": bool(s.isna().any()),
                                          "missing_rate": _smoothed_rate(int(s.isna().sum()), len(s)),
@@ -79,6 +80,7 @@ class Preprocessor:
         scale = float((q3 - q1) / 1.349) or float(v.std()) or 1.0
         p: dict[str, Any] = {"kind": "numeric", "transform": self.numeric_transform,
                              "median": median, "center": median, "scale": scale,
+                             "min": float(v.min()), "max": float(v.max()),
                              "has_missing": bool((~ok).any()),
                              "missing_rate": _smoothed_rate(int((~ok).sum()), len(x)), "indicator": True}
         if self.numeric_transform == "yeo-johnson":
@@ -202,7 +204,8 @@ class Preprocessor:
     def decode(self, X: np.ndarray) -> pd.DataFrame:
         """Approximate inverse of `encode` for numeric/categorical columns (used by `sample`).
 
-        Datetime columns cannot be inverted from cyclic parts and come back as hour-of-day.
+        Numeric values are clipped to the training range and integer columns rounded (nullable
+        Int64). Datetime columns cannot be inverted from cyclic parts and come back as hour-of-day.
         """
         out = {}
         for span in self.spans:
@@ -210,9 +213,11 @@ class Preprocessor:
             if span.kind == "numeric":
                 t = X[:, span.start].astype("float64") * p["std"] + p["mean"]
                 vals = _inverse_transform(t, p)
+                if "min" in p:                       # models saved before 0.2 lack the range
+                    vals = np.clip(vals, p["min"], p["max"])
                 if span.indicator >= 0:
                     vals = np.where(X[:, span.indicator] > 0.5, np.nan, vals)
-                out[span.column] = vals
+                out[span.column] = pd.array(np.round(vals), dtype="Int64") if p.get("integer") else vals
             elif span.kind == "datetime":
                 ang = np.arctan2(X[:, span.start], X[:, span.start + 1])
                 out[span.column + "_hour"] = np.mod(ang / (2 * np.pi) * 24, 24)

@@ -173,3 +173,14 @@ def test_flagged_rows_charge_columns_for_the_kl_they_cause(fitted, frame):
     contrib = fitted.contributions(rows).to_numpy()
     np.testing.assert_allclose(contrib, terms.column_nll - fitted.column_median_ + terms.column_kl)
     assert fitted.explain(rows).top_features[:20].str.startswith("amount:").all()
+
+
+def test_sample_keeps_integer_columns_and_training_ranges():
+    from anomaly_vae.demo import DEMO_EXCLUDE, make_transactions
+    df = make_transactions(3000, seed=5)
+    det = VAEAnomalyDetector(label="label", exclude=DEMO_EXCLUDE, **FAST).fit(df)
+    synth = det.sample(2000, seed=1)
+    assert df["txn_count_1h"].dtype.kind == "i" and str(synth["txn_count_1h"].dtype) == "Int64"
+    assert synth["customer_age"].dtype == "float64"       # float in training (it has nulls): stays float
+    for col in ("amount", "distance_from_home_km", "txn_count_1h", "customer_age"):
+        assert synth[col].min() >= df[col].min() and synth[col].max() <= df[col].max()
