@@ -577,6 +577,23 @@ def list_versions(name: str) -> list[dict]:
     return sorted(out, key=lambda d: d["version"])
 
 
+def list_models() -> list[dict]:
+    """Every registered model, by name: {"name", "latest": newest version or None,
+    "aliases": {alias: version}}."""
+    _ensure_configured()
+    client, found, token = MlflowClient(), [], None
+    while True:
+        page = client.search_registered_models(max_results=1000, page_token=token)
+        found += list(page)
+        token = page.token
+        if not token:
+            break
+    return [{"name": rm.name,
+             "latest": max((int(v.version) for v in rm.latest_versions or []), default=None),
+             "aliases": {a: int(v) for a, v in (rm.aliases or {}).items()}}
+            for rm in sorted(found, key=lambda m: m.name)]
+
+
 def _quote(name: str) -> str:
     return name.replace("'", "\\'")
 

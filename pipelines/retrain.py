@@ -289,11 +289,12 @@ def _split_names(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(n.strip() for v in values for n in v.split(",") if n.strip())
 
 
-@click.command("retrain")
+@click.command("retrain", short_help="Retrain on recent dated partitions; promote if better.")
 @click.argument("name")
 @click.argument("data", nargs=-1, required=True)
 @click.option("--days", type=click.IntRange(min=1), default=None,
-              help=f"Window: the last N days of partitions (by file-name date). Default {DEFAULT_DAYS}.")
+              show_default=f"{DEFAULT_DAYS} unless --files is given",
+              help="Window: the last N days of partitions (by file-name date).")
 @click.option("--files", "last_files", type=click.IntRange(min=1), default=None,
               help="Window: the last N partitions instead of days.")
 @click.option("--end-date", type=click.DateTime(["%Y-%m-%d"]), default=None,
