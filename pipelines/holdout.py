@@ -124,6 +124,19 @@ def window_drift(ref: VAEAnomalyDetector, window: pd.DataFrame, label: str | Non
                        new_scores=scores, alert=alert)
 
 
+def worst_drift(window: pd.DataFrame, newest: pd.DataFrame, alert: float = DEFAULT_ALERT) -> pd.DataFrame:
+    """One drift table from the whole window's and the newest partitions' tables: per feature the
+    larger PSI (`psi`), both PSIs (`psi_window`, `psi_newest`) and an alert on the larger one, so
+    a shift in the last day is not diluted by the window and a shifted window is not hidden by a
+    clean last day."""
+    both = window.merge(newest, on=["feature", "kind"], how="outer", suffixes=("_window", "_newest"))
+    both["psi"] = both[["psi_window", "psi_newest"]].max(axis=1)
+    both["missing_new"] = both[["missing_new_window", "missing_new_newest"]].max(axis=1)
+    both["alert"] = both["psi"] > alert
+    cols = ["feature", "kind", "psi", "psi_window", "psi_newest", "missing_new", "alert"]
+    return both[cols].sort_values("psi", ascending=False, kind="stable").reset_index(drop=True)
+
+
 def weekday_warning(det: VAEAnomalyDetector, train_dates: Sequence[Any]) -> list[str]:
     """A warning when the training partitions span under a week and the model uses day-of-week."""
     dated = [d for d in train_dates if d is not None]

@@ -40,7 +40,8 @@ from anomaly_vae.errors import AnomalyVAEError
 from pipelines.gates import (DEFAULT_FPR_BAND, DEFAULT_MAX_SCORE_PSI, DEFAULT_TARGET_FPR,
                              DEFAULT_TOLERANCE, Decision, should_promote)
 from pipelines.holdout import (check_compatible, comparison_table, holdout_metrics, load_partitions,
-                               split_holdout, weekday_warning, window_drift)
+                               split_holdout, weekday_warning, window_drift,
+                               worst_drift)
 from pipelines.window import LockedError, Partition, list_partitions, run_lock, select_window, window_key
 
 __all__ = ["run_retrain", "retrain_command", "retrain", "RetrainResult", "Decision", "should_promote",
@@ -196,7 +197,8 @@ def _retrain(run_id: str, name: str, parts: Sequence[Partition], base: dict[str,
 
     window_df = pd.concat([train_df, holdout_df], ignore_index=True)
     ref = champion if champion is not None else candidate
-    drift = window_drift(ref, window_df, label, alert=psi_alert, seed=seed)
+    drift = worst_drift(window_drift(ref, window_df, label, alert=psi_alert, seed=seed),
+                        window_drift(ref, holdout_df, label, alert=psi_alert, seed=seed), psi_alert)
     alerts = [f"{f} {p:.3f}" for f, p, a in zip(drift["feature"], drift["psi"], drift["alert"]) if a]
 
     # evidence first, then the registry: a crash in between leaves a FAILED run, not a silent move

@@ -155,6 +155,20 @@ def test_weekday_warning_for_short_windows(fitted):
     assert weekday_warning(fitted, [p.date for p in _parts(7)]) == []
 
 
+def test_drift_of_a_shift_in_the_newest_partition_is_not_diluted_by_the_window(fitted, frame):
+    from pipelines.holdout import window_drift, worst_drift
+    days = [frame.sample(500, random_state=i).reset_index(drop=True) for i in range(10)]
+    days[-1] = days[-1].assign(amount=days[-1]["amount"] * 3)          # only the newest day shifts
+    window = window_drift(fitted, pd.concat(days, ignore_index=True), None)
+    newest = window_drift(fitted, days[-1], None)
+    table = worst_drift(window, newest, alert=0.2)
+    row = table.set_index("feature").loc["amount"]
+    assert row["psi_window"] < 0.2 < row["psi_newest"] == row["psi"] and row["alert"]
+    assert table.iloc[0]["feature"] in ("amount", "anomaly_score")
+    assert (table["psi"] == table[["psi_window", "psi_newest"]].max(axis=1)).all()
+    assert set(table["feature"]) == set(window["feature"]) == set(newest["feature"])
+
+
 # ======================================================================= lock
 def test_lock_is_exclusive_and_wait_gets_it(tmp_path):
     path = tmp_path / "locks" / "m.lock"
