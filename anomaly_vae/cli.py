@@ -323,9 +323,11 @@ def _train_summary(state: State, det: Any, n_rows: int, n_anom: int, label: str 
 @click.option("--batch-size", type=click.IntRange(min=1), default=65536, show_default=True,
               help="Rows per record batch (memory grows with it).")
 @click.option("--resume", is_flag=True, help="Skip inputs the manifest marks done (after an interrupted run).")
+@click.option("--keep-going", "-k", is_flag=True,
+              help="On an input with bad data, record it as failed and score the others; exit 2 at the end.")
 @pass_state
 def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: str, batch_size: int,
-          resume: bool) -> None:
+          resume: bool, keep_going: bool) -> None:
     """Score INPUTS (parquet/CSV files, directories searched recursively, or globs) in
     streamed batches.
 
@@ -334,6 +336,9 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
     OUTPUT/<name>.scored.parquet; when two inputs share a name (dt=2026-01-01/part-0.parquet,
     dt=2026-01-02/part-0.parquet) every output keeps its input's folder relative to the
     inputs' common parent (OUTPUT/dt=2026-01-01/part-0.scored.parquet).
+
+    A bad input stops the run (finished outputs are kept); with --keep-going the other inputs
+    are scored first, and the exit code is still 2. Nightly jobs: --resume --keep-going.
 
     An id column of the model missing from an input, or an input with no rows, is a warning
     (on stderr unless -q, and in the file's _manifest.json entry), not an error: the file is still scored,
@@ -351,7 +356,7 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
     det, info = state.load_model(model)
     t0 = time.perf_counter()
     result = io.score_files(det, paths, output, model_info=info, keep=keep, batch_size=batch_size,
-                            resume=resume, progress=state.progress)
+                            resume=resume, progress=state.progress, keep_going=keep_going)
     wall = time.perf_counter() - t0
     s = result["summary"]
     rate = s["rows"] / wall if wall > 0 else 0.0

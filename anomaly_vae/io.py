@@ -501,13 +501,15 @@ def is_done(entry: dict[str, Any] | None, src: Path) -> bool:
 
 def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str | os.PathLike, *,
                 model_info: dict[str, Any] | None = None, keep: str = "ids", batch_size: int = 65536,
-                resume: bool = False, progress: bool = False) -> dict[str, Any]:
+                resume: bool = False, progress: bool = False, keep_going: bool = False) -> dict[str, Any]:
     """Score every input to OUT/<stem>.scored.parquet (see `output_paths` for inputs whose
     names collide), keeping `_manifest.json` up to date; warnings go to each file's entry.
 
     With `resume`, inputs that the manifest marks done (and whose output is intact) are
     skipped; the manifest must come from the same model. Stops at the first failing input
-    (recorded as failed) and re-raises its error. Returns the manifest plus a "summary" dict.
+    (recorded as failed) and re-raises its error; with `keep_going`, an input with bad data
+    (AnomalyVAEError) is recorded as failed, the others are scored, and a DataError naming the
+    failed inputs is raised at the end. Returns the manifest plus a "summary" dict.
     """
     from tqdm.auto import tqdm
 
@@ -531,7 +533,9 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
         "created": (previous or {}).get("created", _now()), "updated": _now(),
         "files": dict((previous or {}).get("files", {})),
     }
-    summary = {"files": len(inputs), "scored": 0, "skipped": 0, "rows": 0, "flagged": 0, "seconds": 0.0}
+    summary = {"files": len(inputs), "scored": 0, "skipped": 0, "failed": 0, "rows": 0, "flagged": 0,
+               "seconds": 0.0}
+    failures: list[str] = []
     write_manifest(out_dir, manifest)
     file_bar = tqdm(total=len(inputs), desc="files", unit="file", disable=not progress or len(inputs) < 2)
     try:
@@ -553,7 +557,13 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
             except BaseException as exc:
                 entry.update(status="failed", error=_one_line(exc), finished=_now())
                 write_manifest(out_dir, manifest)
-                raise
+                if not (keep_going and isinstance(exc, AnomalyVAEError)):
+                    raise
+                log.error("%s", _one_line(exc))
+                failures.append(_one_line(exc))
+                summary["failed"] += 1
+                file_bar.update(1)
+                continue
             finally:
                 bar.close()
             entry.update({k: stats[k] for k in ("rows_in", "rows_out", "flagged", "seconds")},
@@ -567,6 +577,9 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
             file_bar.update(1)
     finally:
         file_bar.close()
+    if failures:
+        raise DataError(f"{len(failures)} of {len(inputs)} input(s) failed (the others were scored; "
+                        f"see {out_dir / MANIFEST}); first: {failures[0]}")
     return {**manifest, "summary": summary}
 
 

@@ -286,6 +286,23 @@ def test_bad_input_exit_2_one_line_no_output(case, data, model_dir, tmp_path):
     assert entry["status"] == "failed" and entry["error"] in lines[0]
 
 
+def test_keep_going_scores_the_good_inputs_and_still_exits_2(data, model_dir, tmp_path):
+    bad = _bad_files(data, tmp_path)
+    srcs = [data["incoming"] / "part-0.parquet", bad["strings"][0], bad["corrupt"][0],
+            data["incoming"] / "part-2.parquet"]
+    out = tmp_path / "scored"
+    r = run("score", "-m", model_dir, *srcs, "-o", out, "--batch-size", "64", ok=False)
+    assert r.exit_code == 2 and not (out / "part-2.scored.parquet").exists()    # default: stop
+    r = run("score", "-m", model_dir, *srcs, "-o", out, "--resume", "--keep-going", ok=False)
+    assert r.exit_code == 2, r.output
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: 2 of 4 input(s) failed") and "strings.parquet" in last
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-0.scored.parquet", "part-2.scored.parquet"]
+    files = json.loads((out / "_manifest.json").read_text())["files"]
+    assert sorted(e["status"] for e in files.values()) == ["done", "done", "failed", "failed"]
+    assert _leftovers(out) == []
+
+
 def test_installed_entry_point_bad_input_and_quiet(data, model_dir, tmp_path):
     """The console script itself: exit code 2 + one stderr line; --quiet success prints nothing."""
     src, _ = _bad_files(data, tmp_path)["strings"]
