@@ -375,6 +375,7 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
         in_schema = pa.schema([pa.field(f.name, csv_types.get(f.name, f.type)) for f in in_schema])
     out_schema = pa.schema([in_schema.field(c) for c in passthrough] + list(SCORE_FIELDS))
     counts = {"rows": 0, "flagged": 0}
+    nulls = dict.fromkeys(features, 0)
 
     def batches() -> Iterator[pa.RecordBatch]:
         for batch in iter_batches(src, batch_size, columns=read_cols, column_types=csv_types):
@@ -392,6 +393,8 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
             arrays += [pa.array(table[f.name], type=f.type, from_pandas=True) for f in SCORE_FIELDS]
             counts["rows"] += n
             counts["flagged"] += int(np.count_nonzero(table["is_anomaly"].to_numpy()))
+            for c in features:
+                nulls[c] += batch.column(c).null_count
             if progress is not None:
                 progress(n)
             yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
@@ -400,6 +403,11 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
     seconds = time.perf_counter() - t0
     if rows_out == 0:
         warnings.append(f"{src}: no rows; wrote an empty {dst.name}")
+        log.warning("%s", warnings[-1])
+    empty = [c for c, k in nulls.items() if rows_out and k == counts["rows"]]
+    if empty:   # usually a broken upstream export, not a wave of anomalies
+        warnings.append(f"{src}: column(s) {empty} are null in every row; each row is scored as "
+                        "missing there")
         log.warning("%s", warnings[-1])
     return {"input": str(src), "output": str(dst), "rows_in": counts["rows"], "rows_out": rows_out,
             "flagged": counts["flagged"], "seconds": round(seconds, 3), "status": "done",

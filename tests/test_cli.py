@@ -190,6 +190,22 @@ def test_score_warns_on_missing_id_column_and_empty_inputs(data, model_dir, tmp_
     assert len(empty) == 0 and (empty.dtypes == full.dtypes).all()        # id column: string, not object
 
 
+def test_score_warns_when_a_feature_column_is_null_in_every_row(data, model_dir, tmp_path):
+    rows = pd.read_parquet(data["incoming"] / "part-0.parquet")
+    rows.assign(amount=np.nan, country=None).to_parquet(tmp_path / "broken.parquet", index=False)
+    rows.to_parquet(tmp_path / "fine.parquet", index=False)
+    r = run("score", "-m", model_dir, tmp_path / "broken.parquet", tmp_path / "fine.parquet", "-o", tmp_path / "out")
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "broken.parquet: column(s) ['amount', 'country'] are null in every row" \
+        in warnings[0], r.stderr
+    files = json.loads((tmp_path / "out" / "_manifest.json").read_text())["files"]
+    assert [len(e.get("warnings", [])) for e in files.values()] == [1, 0]
+    broken = pd.read_parquet(tmp_path / "out" / "broken.scored.parquet")
+    fine = pd.read_parquet(tmp_path / "out" / "fine.scored.parquet")
+    # missing where training never was raises the score (rows whose odd amount was nulled may drop)
+    assert (broken["anomaly_score"] > fine["anomaly_score"]).mean() > 0.9
+
+
 def test_too_few_rows_errors_name_the_file(data, model_dir, tmp_path):
     data["frame"].head(0).to_parquet(tmp_path / "zerorows.parquet", index=False)
     for args in (["train", tmp_path / "zerorows.parquet", "--no-mlflow", "-o", tmp_path / "m"],
