@@ -350,12 +350,12 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
       anomaly-vae score -m models/demo data/transactions_holdout.parquet -o scored/demo --keep all
       anomaly-vae -q score -m models:/payments/3 'landing/*.parquet' -o scored/ --resume
     """
-    from . import io
+    from . import batch, io
 
     paths = io.expand_inputs(inputs)
     det, info = state.load_model(model)
     t0 = time.perf_counter()
-    result = io.score_files(det, paths, output, model_info=info, keep=keep, batch_size=batch_size,
+    result = batch.score_files(det, paths, output, model_info=info, keep=keep, batch_size=batch_size,
                             resume=resume, progress=state.progress, keep_going=keep_going)
     wall = time.perf_counter() - t0
     s = result["summary"]
@@ -365,7 +365,7 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
     state.echo(f"files:   {s['scored']} scored" + (f", {s['skipped']} skipped (done)" if s["skipped"] else ""))
     state.echo(f"rows:    {s['rows']:,} scored, {s['flagged']:,} flagged "
                f"({100 * s['flagged'] / max(s['rows'], 1):.2f}%), {rate:,.0f} rows/s")
-    state.echo(f"output:  {output} (manifest {Path(output) / io.MANIFEST})")
+    state.echo(f"output:  {output} (manifest {Path(output) / batch.MANIFEST})")
 
 
 # ------------------------------------------------------------------ evaluate
@@ -448,13 +448,13 @@ def encode(state: State, model: str, data: tuple[str, ...], output: str, batch_s
     """
     from tqdm.auto import tqdm
 
-    from . import io
+    from . import batch, io
 
     paths = io.expand_inputs(data)
     det, _ = state.load_model(model)
     total = sum(io.count_rows(p) or 0 for p in paths) or None
     with tqdm(total=total, unit="row", unit_scale=True, desc="encode", disable=not state.progress, leave=False) as bar:
-        rows = io.encode_files(det, paths, output, batch_size=batch_size, progress=bar.update)
+        rows = batch.encode_files(det, paths, output, batch_size=batch_size, progress=bar.update)
     state.echo(f"wrote {rows:,} rows x {det.config_.latent_dim} latent dims to {output}")
 
 
@@ -558,7 +558,7 @@ def demo(state: State, rows: int, data_dir: str, model_dir: str, scored_dir: str
     Example:
       anomaly-vae demo --rows 20000 --epochs 10
     """
-    from . import io
+    from . import batch, io
     from .demo import DEMO_EXCLUDE, make_transactions
     from .detector import VAEAnomalyDetector
     from .evaluate import evaluate_scores, labels_from
@@ -600,9 +600,9 @@ def demo(state: State, rows: int, data_dir: str, model_dir: str, scored_dir: str
 
     state.set_threads()
     t0 = time.perf_counter()
-    result = io.score_files(det, [test_path], scored_dir, model_info=info, progress=state.progress)
+    result = batch.score_files(det, [test_path], scored_dir, model_info=info, progress=state.progress)
     score_s = time.perf_counter() - t0
-    out_file = io.output_path(test_path, scored_dir)
+    out_file = batch.output_path(test_path, scored_dir)
     scored = io.read_table(out_file, columns=["anomaly_score", "is_anomaly"])
     m = evaluate_scores(labels_from(test_df, "label"), scored["anomaly_score"], scored["is_anomaly"])
     n_rows = result["summary"]["rows"]

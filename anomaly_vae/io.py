@@ -1,52 +1,32 @@
-"""Table I/O and streaming batch scoring (pyarrow; no torch here).
+"""Table I/O (pyarrow; no torch here): input discovery, whole-file reads, record-batch
+streams, and atomic writes.
 
-Scoring streams Arrow record batches from each input through the detector into one
-`pyarrow.parquet.ParquetWriter` whose schema is fixed before the first row, so memory tracks
-the batch size, not the file size. Outputs are written under a hidden temporary name and
-renamed into place on success; on any error the temporary file is removed. A manifest
-(`_manifest.json` in the output directory) records the model and every input's outcome and
-makes a run resumable.
+`write_stream` feeds record batches into one `pyarrow.parquet.ParquetWriter` whose schema is
+fixed before the first row, under a hidden temporary name renamed into place on success; on any
+error the temporary file is removed. Batch scoring on top of this lives in `batch.py`.
 """
 from __future__ import annotations
 
 import csv
 import glob
-import json
 import logging
 import os
 import re
-import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .errors import AnomalyVAEError, DataError, SchemaMismatchError
-
-if TYPE_CHECKING:
-    from .detector import VAEAnomalyDetector
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".parquet", ".pq", ".csv")
-SCORE_FIELDS = (
-    pa.field("anomaly_score", pa.float64()),
-    pa.field("recon_nll", pa.float64()),
-    pa.field("kl", pa.float64()),
-    pa.field("p_value", pa.float64()),
-    pa.field("is_anomaly", pa.bool_()),
-    pa.field("top_features", pa.string()),
-)
-SCORE_COLUMNS = tuple(f.name for f in SCORE_FIELDS)
-MANIFEST = "_manifest.json"
-MANIFEST_FORMAT = "anomaly-vae-scores"
-OUTPUT_SUFFIX = ".scored.parquet"
+MANIFEST = "_manifest.json"             # written by batch.score_files; its folders are not inputs
 _TMP_MARK = ".tmp-"
 _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
 
@@ -279,321 +259,6 @@ def write_frame(df: pd.DataFrame, dst: str | os.PathLike) -> int:
         return len(df)
     table = pa.Table.from_pandas(df, preserve_index=False)
     return write_stream(dst, table.schema, [table])
-
-
-# ------------------------------------------------------------------ scoring
-def output_path(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """DIR/<stem>.scored.parquet for an input file."""
-    return Path(out_dir) / f"{Path(src).stem}{OUTPUT_SUFFIX}"
-
-
-def output_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
-    """The output file of each input: flat DIR/<stem>.scored.parquet when the stems are unique;
-    otherwise (e.g. dt=2026-01-01/part-0.parquet, dt=2026-01-02/part-0.parquet) every output
-    keeps its input's directory relative to the inputs' common parent:
-    DIR/dt=2026-01-01/part-0.scored.parquet. DataError when two inputs still collide
-    (a.parquet and a.csv in one directory)."""
-    flat = [output_path(p, out_dir) for p in inputs]
-    if len(set(flat)) == len(flat):
-        return flat
-    parents = [os.path.abspath(Path(p).parent) for p in inputs]
-    base = os.path.commonpath(parents)
-    nested = [Path(out_dir) / os.path.relpath(d, base) / f.name for d, f in zip(parents, flat)]
-    nested = [Path(os.path.normpath(t)) for t in nested]
-    dupes = sorted({str(t) for t in nested if nested.count(t) > 1})
-    if dupes:
-        clash = [str(p) for p, t in zip(inputs, nested) if str(t) in dupes]
-        raise DataError(f"inputs {clash} would all be written to {dupes}; rename one of them or "
-                        "score them into separate output directories")
-    return nested
-
-
-def _plan_columns(det: "VAEAnomalyDetector", src: Path, keep: str
-                  ) -> tuple[pa.Schema, list[str], list[str], list[str]]:
-    """Check the input's columns against the model; return (input schema, columns to read,
-    pass-through columns, warnings). A model id column missing from the input is a warning
-    (logged and returned), not an error: the rows are still scored, in input order."""
-    if keep not in ("ids", "all"):
-        raise DataError(f"keep must be 'ids' or 'all', got {keep!r}")
-    schema = input_schema(src)
-    names = schema.names
-    features = [c.name for c in det.schema_.features]
-    missing = [c for c in features if c not in names]
-    if missing:
-        raise SchemaMismatchError(
-            f"{src}: missing required column(s) {missing}; the model was trained on {features}")
-    warnings = []
-    absent = [c for c in det.schema_.ids if c not in names]
-    if absent:
-        warnings.append(f"{src}: id column(s) {absent} not in the input, so the output has no key "
-                        "column to join on (rows stay in input order)")
-    passthrough = list(names) if keep == "all" else [c for c in det.schema_.ids if c in names]
-    clash = [c for c in passthrough if c in SCORE_COLUMNS]
-    if clash:
-        warnings.append(f"{src}: input column(s) {clash} are replaced by the new scores")
-        passthrough = [c for c in passthrough if c not in SCORE_COLUMNS]
-    for w in warnings:
-        log.warning("%s", w)
-    read = list(dict.fromkeys(passthrough + features))
-    return schema, read, passthrough, warnings
-
-
-def _arrow_type(dtype: str) -> pa.DataType:
-    """Arrow type for a pandas dtype name saved in the model schema (text when unsure)."""
-    try:
-        return pa.from_numpy_dtype(np.dtype(str(dtype).lower()))
-    except (TypeError, ValueError, pa.ArrowException):
-        return pa.string()
-
-
-def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.PathLike, *,
-               keep: str = "ids", batch_size: int = 65536,
-               progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """Score one file in record batches into parquet `dst` (temp name + rename).
-
-    Output columns: the pass-through columns (the model's id columns with keep="ids", every
-    input column with keep="all") followed by anomaly_score, recon_nll, kl, p_value,
-    is_anomaly, top_features. `progress(n)` is called with each batch's row count.
-    Bad input raises an AnomalyVAEError naming the file and column; no output is left behind.
-    An input with no rows gives an empty output with the same columns and types, and a warning.
-    Returns stats: input, output, rows_in, rows_out, flagged, seconds, status, warnings.
-    """
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise DataError(f"{src}: output path is the input file")
-    t0 = time.perf_counter()
-    in_schema, read_cols, passthrough, warnings = _plan_columns(det, src, keep)
-    features = [c.name for c in det.schema_.features]
-    # CSV: numeric features read as float64 throughout (no int -> float surprises mid-file)
-    csv_types = {c.name: pa.float64() for c in det.schema_.features if c.kind == "numeric"}
-    if _is_csv(src):
-        # a column with no values in the first block (header-only file) is inferred as null:
-        # use the type the model saw at fit instead, so empty and non-empty outputs match
-        csv_types.update({c.name: _arrow_type(c.dtype) for c in det.schema_.columns
-                          if c.name in in_schema.names and c.name not in csv_types
-                          and pa.types.is_null(in_schema.field(c.name).type)})
-        in_schema = pa.schema([pa.field(f.name, csv_types.get(f.name, f.type)) for f in in_schema])
-    out_schema = pa.schema([in_schema.field(c) for c in passthrough] + list(SCORE_FIELDS))
-    counts = {"rows": 0, "flagged": 0}
-    nulls = dict.fromkeys(features, 0)
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        for batch in iter_batches(src, batch_size, columns=read_cols, column_types=csv_types):
-            n = batch.num_rows
-            if n == 0:
-                continue
-            start = counts["rows"]
-            try:
-                terms = det.score_terms(batch.select(features).to_pandas())
-                table = det.score_table(terms)
-            except AnomalyVAEError as exc:
-                msg = str(exc).removeprefix("input: ")
-                raise type(exc)(f"{src} (rows {start:,}-{start + n - 1:,}): {msg}") from exc
-            arrays = [_conform(batch.column(c), out_schema.field(c).type) for c in passthrough]
-            arrays += [pa.array(table[f.name], type=f.type, from_pandas=True) for f in SCORE_FIELDS]
-            counts["rows"] += n
-            counts["flagged"] += int(np.count_nonzero(table["is_anomaly"].to_numpy()))
-            for c in features:
-                nulls[c] += batch.column(c).null_count
-            if progress is not None:
-                progress(n)
-            yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
-
-    rows_out = write_stream(dst, out_schema, batches())
-    seconds = time.perf_counter() - t0
-    if rows_out == 0:
-        warnings.append(f"{src}: no rows; wrote an empty {dst.name}")
-        log.warning("%s", warnings[-1])
-    empty = [c for c, k in nulls.items() if rows_out and k == counts["rows"]]
-    if empty:   # usually a broken upstream export, not a wave of anomalies
-        warnings.append(f"{src}: column(s) {empty} are null in every row; each row is scored as "
-                        "missing there")
-        log.warning("%s", warnings[-1])
-    return {"input": str(src), "output": str(dst), "rows_in": counts["rows"], "rows_out": rows_out,
-            "flagged": counts["flagged"], "seconds": round(seconds, 3), "status": "done",
-            "warnings": warnings}
-
-
-def _conform(arr: pa.Array | pa.ChunkedArray, typ: pa.DataType) -> pa.Array:
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    return arr if arr.type == typ else arr.cast(typ)
-
-
-def encode_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], dst: str | os.PathLike, *,
-                 batch_size: int = 65536, progress: Callable[[int], Any] | None = None) -> int:
-    """Latent means z0..z{k-1} (plus the model's id columns) of every input row into one parquet
-    file, streamed in record batches and written atomically. Returns the number of rows."""
-    features = [c.name for c in det.schema_.features]
-    plans = [_plan_columns(det, Path(p), "ids") for p in inputs]
-    first_schema, _, ids, _ = plans[0]
-    k = int(det.config_.latent_dim)
-    out_schema = pa.schema([first_schema.field(c) for c in ids]
-                           + [pa.field(f"z{j}", pa.float32()) for j in range(k)])
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        for src, (_, read_cols, passthrough, _) in zip(inputs, plans):
-            if passthrough != ids:
-                raise DataError(f"{src}: id columns {passthrough} differ from the first input's {ids}")
-            start = 0
-            for batch in iter_batches(src, batch_size, columns=read_cols):
-                if batch.num_rows == 0:
-                    continue
-                try:
-                    z = det.encode(batch.select(features).to_pandas())
-                except AnomalyVAEError as exc:
-                    msg = str(exc).removeprefix("input: ")
-                    raise type(exc)(f"{src} (rows {start:,}-{start + batch.num_rows - 1:,}): {msg}") from exc
-                arrays = [_conform(batch.column(c), out_schema.field(c).type) for c in ids]
-                arrays += [pa.array(np.ascontiguousarray(z[:, j], dtype=np.float32)) for j in range(k)]
-                start += batch.num_rows
-                if progress is not None:
-                    progress(batch.num_rows)
-                yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
-
-    return write_stream(dst, out_schema, batches())
-
-
-# ------------------------------------------------------------------ manifest
-def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest of a previous run in `out_dir`, or None. DataError if it is unreadable."""
-    path = Path(out_dir) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable manifest ({_one_line(exc)}); delete it or drop --resume") from exc
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{path}: not an anomaly-vae scoring manifest")
-    return data
-
-
-def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
-    """Write `_manifest.json` atomically (temp file, fsync, rename)."""
-    path = Path(out_dir) / MANIFEST
-    manifest["updated"] = _now()
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _input_key(src: Path) -> str:
-    return str(src.resolve())
-
-
-def _fingerprint(src: Path) -> dict[str, Any]:
-    st = src.stat()
-    return {"size": st.st_size, "mtime": st.st_mtime}
-
-
-def is_done(entry: dict[str, Any] | None, src: Path) -> bool:
-    """A manifest entry marks `src` finished: status done, output present with the recorded
-    row count, and the input unchanged since (size and mtime)."""
-    if not entry or entry.get("status") != "done":
-        return False
-    out = Path(entry.get("output", ""))
-    if not out.is_file() or count_rows(out) != entry.get("rows_out"):
-        return False
-    fp = _fingerprint(src)
-    return entry.get("input_size") == fp["size"] and entry.get("input_mtime") == fp["mtime"]
-
-
-def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str | os.PathLike, *,
-                model_info: dict[str, Any] | None = None, keep: str = "ids", batch_size: int = 65536,
-                resume: bool = False, progress: bool = False, keep_going: bool = False) -> dict[str, Any]:
-    """Score every input to OUT/<stem>.scored.parquet (see `output_paths` for inputs whose
-    names collide), keeping `_manifest.json` up to date; warnings go to each file's entry.
-
-    With `resume`, inputs that the manifest marks done (and whose output is intact) are
-    skipped; the manifest must come from the same model. Stops at the first failing input
-    (recorded as failed) and re-raises its error; with `keep_going`, an input with bad data
-    (AnomalyVAEError) is recorded as failed, the others are scored, and a DataError naming the
-    failed inputs is raised at the end. Returns the manifest plus a "summary" dict.
-    """
-    from tqdm.auto import tqdm
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = remove_stale_temps(out_dir)
-    if stale:
-        log.info("removed %d stale temporary file(s) from an interrupted run", len(stale))
-    targets = output_paths(inputs, out_dir)
-    model = {k: (model_info or {}).get(k) for k in ("uri", "name", "version", "run_id")}
-    previous = read_manifest(out_dir) if resume else None
-    if previous is not None:
-        before = previous.get("model") or {}
-        if (before.get("uri"), before.get("version")) != (model["uri"], model["version"]):
-            raise DataError(f"{out_dir / MANIFEST}: written by model {before.get('uri')} (version "
-                            f"{before.get('version')}), not {model['uri']} (version {model['version']}); "
-                            "use another --output directory or drop --resume")
-    manifest = {
-        "format": MANIFEST_FORMAT, "version": 1, "model": model,
-        "threshold": float(det.threshold_), "keep": keep, "batch_size": batch_size,
-        "created": (previous or {}).get("created", _now()), "updated": _now(),
-        "files": dict((previous or {}).get("files", {})),
-    }
-    summary = {"files": len(inputs), "scored": 0, "skipped": 0, "failed": 0, "rows": 0, "flagged": 0,
-               "seconds": 0.0}
-    failures: list[str] = []
-    write_manifest(out_dir, manifest)
-    file_bar = tqdm(total=len(inputs), desc="files", unit="file", disable=not progress or len(inputs) < 2)
-    try:
-        for src, dst in zip(inputs, targets):
-            key = _input_key(src)
-            if resume and is_done(manifest["files"].get(key), src):
-                summary["skipped"] += 1
-                file_bar.update(1)
-                continue
-            fp = _fingerprint(src)
-            entry = {"input": str(src), "output": str(dst), "status": "running", "started": _now(),
-                     "input_size": fp["size"], "input_mtime": fp["mtime"]}
-            manifest["files"][key] = entry
-            write_manifest(out_dir, manifest)
-            bar = tqdm(total=count_rows(src), desc=src.name, unit="row", unit_scale=True,
-                       leave=False, disable=not progress)
-            try:
-                stats = score_file(det, src, dst, keep=keep, batch_size=batch_size, progress=bar.update)
-            except BaseException as exc:
-                entry.update(status="failed", error=_one_line(exc), finished=_now())
-                write_manifest(out_dir, manifest)
-                if not (keep_going and isinstance(exc, AnomalyVAEError)):
-                    raise
-                log.error("%s", _one_line(exc))
-                failures.append(_one_line(exc))
-                summary["failed"] += 1
-                file_bar.update(1)
-                continue
-            finally:
-                bar.close()
-            entry.update({k: stats[k] for k in ("rows_in", "rows_out", "flagged", "seconds")},
-                         status="done", finished=_now())
-            if stats["warnings"]:
-                entry["warnings"] = stats["warnings"]
-            write_manifest(out_dir, manifest)
-            summary["scored"] += 1
-            for k in ("rows", "flagged", "seconds"):
-                summary[k] += stats["rows_in" if k == "rows" else k]
-            file_bar.update(1)
-    finally:
-        file_bar.close()
-    if failures:
-        raise DataError(f"{len(failures)} of {len(inputs)} input(s) failed (the others were scored; "
-                        f"see {out_dir / MANIFEST}); first: {failures[0]}")
-    return {**manifest, "summary": summary}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__

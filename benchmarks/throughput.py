@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Batch-scoring throughput: rows/s and peak RSS of `anomaly_vae.io.score_file`, vs. the I/O floor.
+"""Batch-scoring throughput: rows/s and peak RSS of `anomaly_vae.batch.score_file`, vs. the I/O floor.
 
 Steps (for each --rows value, default 1,000,000):
   1. generate demo transactions (anomaly_vae.demo.make_transactions, in chunks of 200k rows
      with seeds 0, 1, ...) into <workdir>/transactions_<rows>.parquet (reused when present);
   2. train a small model once on the first --train-rows rows (default 50,000; label column
      given, DEMO_EXCLUDE excluded), saved to <workdir>/model;
-  3. in a fresh child process: load the model and score the file with io.score_file
+  3. in a fresh child process: load the model and score the file with batch.score_file
      (ids pass-through, --batch-size rows per batch); wall time, rows/s, peak RSS;
   4. in a fresh child process: the I/O floor, a plain pyarrow read + write of the same file
      in batches of the same size (every column read, every column written, snappy);
@@ -88,14 +88,14 @@ def _hwm_mb() -> float:
 def child_score(model: str, src: str, dst: str, batch_size: int, threads: int | None) -> dict:
     import torch
 
-    from anomaly_vae import VAEAnomalyDetector, io
+    from anomaly_vae import VAEAnomalyDetector, batch
 
     torch.set_num_threads(threads or 1)       # the CLI's scoring default (anomaly_vae.cli.SCORING_THREADS)
     det = VAEAnomalyDetector.load(model)
     base = _rss_mb()
     t0 = time.perf_counter()
     with RssSampler() as s:
-        stats = io.score_file(det, src, dst, batch_size=batch_size)
+        stats = batch.score_file(det, src, dst, batch_size=batch_size)
     sec = time.perf_counter() - t0
     return {"rows": stats["rows_out"], "flagged": stats["flagged"], "seconds": sec,
             "rows_per_s": stats["rows_out"] / sec, "baseline_rss_mb": base,

@@ -1,0 +1,272 @@
+"""anomaly_vae.batch: streaming score_file / score_files, outputs, manifest, resume, encode_files."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from anomaly_vae import batch, io
+from anomaly_vae.errors import AnomalyVAEError, DataError, SchemaMismatchError
+
+
+SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
+
+
+def _leftovers(d: Path) -> list[str]:
+    """Temporary files (hidden .tmp- names) left in a directory."""
+    return sorted(p.name for p in d.iterdir() if ".tmp-" in p.name) if d.exists() else []
+
+
+def _assert_matches_explain(det, out: pd.DataFrame, rows: pd.DataFrame) -> None:
+    ref = det.explain(rows)
+    assert len(out) == len(ref)
+    for c in ("anomaly_score", "recon_nll", "kl"):
+        np.testing.assert_allclose(out[c].to_numpy(), ref[c].to_numpy(), rtol=1e-5, atol=1e-4)
+    # p-values move by at most one calibration rank when a score sits on a calibration score
+    n_cal = len(det.calibration_scores_)
+    np.testing.assert_allclose(out["p_value"].to_numpy(), ref["p_value"].to_numpy(), atol=1.01 / (n_cal + 1))
+    assert (out["is_anomaly"].to_numpy() == ref["is_anomaly"].to_numpy()).mean() > 0.99
+    assert (out["top_features"].to_numpy() == ref["top_features"].to_numpy()).mean() > 0.98
+
+
+@pytest.fixture(scope="module")
+def scored_rows():
+    """Rows the model did not see in training (different seed), to avoid exact calibration ties."""
+    from conftest import mixed_frame
+    return mixed_frame(n=700, seed=7)
+
+
+def test_output_paths_flat_unless_names_collide(tmp_path):
+    out = tmp_path / "out"
+    flat = [tmp_path / "in" / "a.parquet", tmp_path / "in" / "b.csv"]
+    assert batch.output_paths(flat, out) == [out / "a.scored.parquet", out / "b.scored.parquet"]
+    hive = [tmp_path / "h" / "dt=2026-01-01" / "part-0.parquet", tmp_path / "h" / "dt=2026-01-02" / "part-0.parquet"]
+    assert batch.output_paths(hive, out) == [out / "dt=2026-01-01" / "part-0.scored.parquet",
+                                          out / "dt=2026-01-02" / "part-0.scored.parquet"]
+    with pytest.raises(DataError, match=r"a\.parquet.*a\.csv.*would all be written to"):
+        batch.output_paths([tmp_path / "a.parquet", tmp_path / "a.csv", tmp_path / "x" / "a.pq"], out)
+
+
+def test_score_files_nested_outputs_resume_and_stale_temps(tmp_path, fitted, scored_rows):
+    hive = tmp_path / "hive"
+    for i, day in enumerate(("2026-01-01", "2026-01-02")):
+        (hive / f"dt={day}").mkdir(parents=True)
+        scored_rows.iloc[i * 100:(i + 1) * 100].to_parquet(hive / f"dt={day}" / "part-0.parquet", index=False)
+    out = tmp_path / "out"
+    inputs = io.expand_inputs([hive])
+    res = batch.score_files(fitted, inputs, out, batch_size=64)
+    assert res["summary"]["scored"] == 2
+    first = out / "dt=2026-01-01" / "part-0.scored.parquet"
+    got = pd.read_parquet(first)
+    assert got["row_id"].tolist() == scored_rows["row_id"].iloc[:100].tolist()
+    entry = batch.read_manifest(out)["files"][str(inputs[0].resolve())]
+    assert entry["output"] == str(first) and entry["status"] == "done"
+    # a killed run left a temporary in a subfolder; --resume removes it and skips finished files
+    (out / "dt=2026-01-02" / ".part-0.scored.parquet.tmp-0badc0de").write_bytes(b"half")
+    mtime = first.stat().st_mtime_ns
+    res = batch.score_files(fitted, io.expand_inputs([str(hive / "dt=*" / "*.parquet")]), out, resume=True)
+    assert (res["summary"]["scored"], res["summary"]["skipped"]) == (0, 2)
+    assert first.stat().st_mtime_ns == mtime and _leftovers(out / "dt=2026-01-02") == []
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_duplicate_column_names_name_file_and_column(tmp_path, fitted, scored_rows, suffix):
+    table = pa.Table.from_pandas(scored_rows.head(20), preserve_index=False)
+    table = table.append_column("amount", table.column("amount"))      # a second 'amount'
+    src = tmp_path / f"dup{suffix}"
+    if suffix == ".csv":
+        import pyarrow.csv as pacsv
+        pacsv.write_csv(table, src)
+    else:
+        pq.write_table(table, src)
+    pattern = rf"dup\{suffix}: duplicate column name\(s\) \['amount'\]"
+    with pytest.raises(DataError, match=pattern):
+        io.input_schema(src)
+    with pytest.raises(DataError, match=pattern):
+        io.read_table(src)
+    with pytest.raises(DataError, match=pattern):
+        batch.score_file(fitted, src, tmp_path / "o" / "dup.scored.parquet")
+    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+
+
+@pytest.mark.parametrize("keep", ["ids", "all"])
+def test_missing_id_column_is_a_warning(tmp_path, fitted, scored_rows, caplog, keep):
+    scored_rows.head(50).drop(columns=["row_id"]).to_parquet(tmp_path / "noid.parquet", index=False)
+    res = batch.score_files(fitted, [tmp_path / "noid.parquet"], tmp_path / "out", keep=keep)
+    assert res["summary"]["rows"] == 50
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("noid.parquet" in w and "'row_id'" in w and "no key column" in w for w in warned), warned
+    entry = batch.read_manifest(tmp_path / "out")["files"][str((tmp_path / "noid.parquet").resolve())]
+    assert any("'row_id'" in w for w in entry["warnings"])
+
+
+def test_empty_inputs_warn_and_keep_the_output_schema(tmp_path, fitted, scored_rows, caplog):
+    rows = scored_rows.head(30)
+    rows.to_csv(tmp_path / "full.csv", index=False)
+    rows.head(0).to_csv(tmp_path / "empty.csv", index=False)             # header only
+    rows.head(0).to_parquet(tmp_path / "empty0.parquet", index=False)
+    res = batch.score_files(fitted, [tmp_path / "full.csv", tmp_path / "empty.csv", tmp_path / "empty0.parquet"],
+                         tmp_path / "out")
+    assert res["summary"]["rows"] == 30
+    full = pq.read_schema(tmp_path / "out" / "full.scored.parquet")
+    empty = pq.read_table(tmp_path / "out" / "empty.scored.parquet")
+    assert empty.num_rows == 0 and empty.schema == full                  # row_id: string, not null/object
+    assert pa.types.is_string(empty.schema.field("row_id").type)
+    assert pq.read_table(tmp_path / "out" / "empty0.scored.parquet").schema.names == ["row_id"] + SCORE_COLS
+    warned = " | ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "empty.csv: no rows" in warned and "empty0.parquet: no rows" in warned
+    assert "full.csv" not in warned
+
+
+def test_score_file_matches_explain_and_streams(tmp_path, fitted, scored_rows):
+    src = tmp_path / "rows.parquet"
+    scored_rows.to_parquet(src, index=False)
+    seen = []
+    stats = batch.score_file(fitted, src, tmp_path / "out" / "rows.scored.parquet", batch_size=128,
+                          progress=seen.append)
+    out_path = tmp_path / "out" / "rows.scored.parquet"
+    assert stats["rows_in"] == stats["rows_out"] == len(scored_rows) and stats["status"] == "done"
+    assert sum(seen) == len(scored_rows) and max(seen) <= 128
+    pf = pq.ParquetFile(out_path)
+    assert pf.metadata.num_row_groups == int(np.ceil(len(scored_rows) / 128))   # one per batch: streamed
+    out = pf.read().to_pandas()
+    assert list(out.columns) == ["row_id"] + SCORE_COLS            # ids pass through by default
+    assert out["row_id"].tolist() == scored_rows["row_id"].tolist()
+    assert stats["flagged"] == int(out["is_anomaly"].sum())
+    assert pf.schema_arrow.field("is_anomaly").type == pa.bool_()
+    _assert_matches_explain(fitted, out, scored_rows)
+    assert _leftovers(tmp_path / "out") == []
+
+
+def test_score_file_keep_all_csv_and_empty(tmp_path, fitted, scored_rows):
+    rows = scored_rows.head(200).assign(extra=np.arange(200), anomaly_score=-1.0)   # a clashing column
+    rows.to_parquet(tmp_path / "r.parquet", index=False)
+    batch.score_file(fitted, tmp_path / "r.parquet", tmp_path / "r.out.parquet", keep="all", batch_size=64)
+    out = pd.read_parquet(tmp_path / "r.out.parquet")
+    expected = [c for c in rows.columns if c != "anomaly_score"] + SCORE_COLS
+    assert list(out.columns) == expected
+    assert (out["extra"].to_numpy() == np.arange(200)).all() and (out["anomaly_score"] > 0).all()
+
+    rows.drop(columns=["anomaly_score"]).to_csv(tmp_path / "r.csv", index=False)
+    batch.score_file(fitted, tmp_path / "r.csv", tmp_path / "c.out.parquet", batch_size=64)
+    csv_out = pd.read_parquet(tmp_path / "c.out.parquet")
+    np.testing.assert_allclose(csv_out["anomaly_score"], out["anomaly_score"], rtol=1e-5)
+
+    rows.head(0).to_parquet(tmp_path / "empty.parquet", index=False)
+    stats = batch.score_file(fitted, tmp_path / "empty.parquet", tmp_path / "e.out.parquet")
+    assert stats["rows_out"] == 0
+    empty = pq.read_table(tmp_path / "e.out.parquet")
+    assert empty.num_rows == 0 and empty.schema.names == ["row_id"] + SCORE_COLS
+    with pytest.raises(DataError, match="keep must be"):
+        batch.score_file(fitted, tmp_path / "r.parquet", tmp_path / "x.parquet", keep="some")
+
+
+def test_score_file_bad_value_midstream_leaves_old_output(tmp_path, fitted, scored_rows):
+    bad = scored_rows.head(400).copy()
+    bad["amount"] = bad["amount"].astype(str)
+    bad.loc[350, "amount"] = "twelve"                  # in the 3rd batch: two batches already written
+    bad.to_parquet(tmp_path / "bad.parquet", index=False)
+    dst = tmp_path / "out" / "bad.scored.parquet"
+    dst.parent.mkdir()
+    dst.write_bytes(b"previous complete output")
+    with pytest.raises(SchemaMismatchError) as err:
+        batch.score_file(fitted, tmp_path / "bad.parquet", dst, batch_size=150)
+    msg = str(err.value)
+    assert "bad.parquet" in msg and "'amount'" in msg and "twelve" in msg and "\n" not in msg
+    assert dst.read_bytes() == b"previous complete output"           # untouched
+    assert _leftovers(dst.parent) == []
+
+
+def test_score_file_missing_column_and_corrupt(tmp_path, fitted, scored_rows):
+    scored_rows.drop(columns=["cat"]).to_parquet(tmp_path / "nocat.parquet", index=False)
+    with pytest.raises(SchemaMismatchError, match=r"nocat\.parquet: missing required column\(s\) \['cat'\]"):
+        batch.score_file(fitted, tmp_path / "nocat.parquet", tmp_path / "o" / "nocat.parquet")
+    good = tmp_path / "good.parquet"
+    scored_rows.to_parquet(good, index=False, row_group_size=100)
+    raw = bytearray(good.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 2000] = os.urandom(2000)                 # footer intact, data pages garbled
+    (tmp_path / "corrupt.parquet").write_bytes(bytes(raw))
+    with pytest.raises(AnomalyVAEError, match=r"corrupt\.parquet"):
+        batch.score_file(fitted, tmp_path / "corrupt.parquet", tmp_path / "o" / "corrupt.parquet", batch_size=50)
+    assert not (tmp_path / "o").exists() or sorted(os.listdir(tmp_path / "o")) == []
+
+
+def test_score_files_manifest_and_resume(tmp_path, fitted, scored_rows):
+    ind = tmp_path / "in"
+    ind.mkdir()
+    for i in range(3):
+        scored_rows.iloc[i * 200:(i + 1) * 200].to_parquet(ind / f"part-{i}.parquet", index=False)
+    out = tmp_path / "out"
+    inputs = io.expand_inputs([ind])
+    info = {"uri": "models:/m/1", "name": "m", "version": 1, "run_id": "r"}
+    res = batch.score_files(fitted, inputs, out, model_info=info, batch_size=64)
+    assert res["summary"] == {**res["summary"], "files": 3, "scored": 3, "skipped": 0, "rows": 600}
+    man = json.loads((out / batch.MANIFEST).read_text())
+    assert man["model"] == info and man["format"] == batch.MANIFEST_FORMAT
+    assert {e["status"] for e in man["files"].values()} == {"done"}
+    assert sum(e["rows_out"] for e in man["files"].values()) == 600
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.scored.parquet")}
+    # an input that changed since it was scored is not "done" any more
+    key = str((ind / "part-2.parquet").resolve())
+    assert batch.is_done(man["files"][key], ind / "part-2.parquet")
+    scored_rows.iloc[400:450].to_parquet(ind / "part-2.parquet", index=False)
+    assert not batch.is_done(man["files"][key], ind / "part-2.parquet")
+    res = batch.score_files(fitted, inputs, out, model_info=info, resume=True)
+    assert (res["summary"]["scored"], res["summary"]["skipped"]) == (1, 2)
+    assert pq.read_metadata(out / "part-2.scored.parquet").num_rows == 50
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-[01].scored.parquet")} == \
+        {k: v for k, v in mtimes.items() if k != "part-2.scored.parquet"}
+
+    other = {**info, "uri": "models:/m/2", "version": 2}
+    with pytest.raises(DataError, match="written by model models:/m/1"):
+        batch.score_files(fitted, inputs, out, model_info=other, resume=True)
+    # same base name in two folders: outputs keep the folders (relative to the common parent)
+    (tmp_path / "again").mkdir()
+    scored_rows.head(5).to_parquet(tmp_path / "again" / "part-0.parquet", index=False)
+    res = batch.score_files(fitted, inputs + [tmp_path / "again" / "part-0.parquet"], tmp_path / "both")
+    assert res["summary"]["scored"] == 4
+    assert pq.read_metadata(tmp_path / "both" / "again" / "part-0.scored.parquet").num_rows == 5
+    assert pq.read_metadata(tmp_path / "both" / "in" / "part-0.scored.parquet").num_rows == 200
+
+
+def test_manifest_unreadable_and_atomic(tmp_path):
+    assert batch.read_manifest(tmp_path) is None
+    batch.write_manifest(tmp_path, {"format": batch.MANIFEST_FORMAT, "files": {}})
+    assert batch.read_manifest(tmp_path)["format"] == batch.MANIFEST_FORMAT
+    assert _leftovers(tmp_path) == []
+    (tmp_path / batch.MANIFEST).write_text("{ truncated")
+    with pytest.raises(DataError, match="unreadable manifest"):
+        batch.read_manifest(tmp_path)
+
+
+def test_encode_files_and_write_frame(tmp_path, fitted, scored_rows):
+    scored_rows.head(300).to_parquet(tmp_path / "a.parquet", index=False)
+    scored_rows.iloc[300:400].to_parquet(tmp_path / "b.parquet", index=False)
+    n = batch.encode_files(fitted, [tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "z.parquet",
+                        batch_size=128)
+    z = pd.read_parquet(tmp_path / "z.parquet")
+    k = fitted.config_.latent_dim
+    assert n == 400 and list(z.columns) == ["row_id"] + [f"z{j}" for j in range(k)]
+    ref = fitted.encode(scored_rows.head(400))
+    np.testing.assert_allclose(z[[f"z{j}" for j in range(k)]].to_numpy(), ref, rtol=1e-4, atol=1e-5)
+    io.write_frame(pd.DataFrame({"a": [1, 2]}), tmp_path / "w.csv")
+    assert (tmp_path / "w.csv").read_text().splitlines() == ["a", "1", "2"]
+
+
+def test_csv_bad_value_names_file_and_column(tmp_path, fitted, scored_rows):
+    rows = scored_rows.head(300).copy()
+    rows["x"] = rows["x"].astype(object)
+    rows.loc[290, "x"] = "not-a-number"
+    rows.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(AnomalyVAEError) as err:
+        batch.score_file(fitted, tmp_path / "bad.csv", tmp_path / "o" / "bad.parquet", batch_size=50)
+    assert "bad.csv" in str(err.value) and "'x'" in str(err.value)
+    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
