@@ -46,25 +46,25 @@ def output_path(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / f"{Path(src).stem}{OUTPUT_SUFFIX}"
 
 
-def output_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
-    """The output file of each input: flat DIR/<stem>.scored.parquet when the stems are unique;
-    otherwise (e.g. dt=2026-01-01/part-0.parquet, dt=2026-01-02/part-0.parquet) every output
-    keeps its input's directory relative to the inputs' common parent:
-    DIR/dt=2026-01-01/part-0.scored.parquet. DataError when two inputs still collide
-    (a.parquet and a.csv in one directory)."""
-    flat = [output_path(p, out_dir) for p in inputs]
-    if len(set(flat)) == len(flat):
-        return flat
-    parents = [os.path.abspath(Path(p).parent) for p in inputs]
-    base = os.path.commonpath(parents)
-    nested = [Path(out_dir) / os.path.relpath(d, base) / f.name for d, f in zip(parents, flat)]
-    nested = [Path(os.path.normpath(t)) for t in nested]
-    dupes = sorted({str(t) for t in nested if nested.count(t) > 1})
+def output_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                 roots: Sequence[str | os.PathLike] | None = None) -> list[Path]:
+    """The output file of each input: DIR/<path below its root>/<stem>.scored.parquet, where
+    the root is the directory or glob prefix the input was found under (`io.expand_inputs_with_roots`;
+    default: the input's own folder, i.e. flat names). So `score incoming/` writes
+    incoming/dt=2026-01-01/part-0.parquet to DIR/dt=2026-01-01/part-0.scored.parquet on every
+    night, whichever other files are present. DataError when two inputs map to one output."""
+    roots = roots if roots is not None else [Path(p).parent for p in inputs]
+    targets = [Path(os.path.normpath(Path(out_dir) / os.path.relpath(os.path.abspath(Path(p).parent),
+                                                                      os.path.abspath(r))
+                                     / output_path(p, out_dir).name))
+               for p, r in zip(inputs, roots)]
+    dupes = sorted({str(t) for t in targets if targets.count(t) > 1})
     if dupes:
-        clash = [str(p) for p, t in zip(inputs, nested) if str(t) in dupes]
-        raise DataError(f"inputs {clash} would all be written to {dupes}; rename one of them or "
-                        "score them into separate output directories")
-    return nested
+        clash = [str(p) for p, t in zip(inputs, targets) if str(t) in dupes]
+        raise DataError(f"inputs {clash} would all be written to {dupes}; rename one of them, pass "
+                        "their common folder instead of the files, or score them into separate "
+                        "output directories")
+    return targets
 
 
 def _plan_columns(det: "VAEAnomalyDetector", src: Path, keep: str
@@ -268,9 +268,11 @@ def is_done(entry: dict[str, Any] | None, src: Path) -> bool:
 
 def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str | os.PathLike, *,
                 model_info: dict[str, Any] | None = None, keep: str = "ids", batch_size: int = 65536,
-                resume: bool = False, progress: bool = False, keep_going: bool = False) -> dict[str, Any]:
-    """Score every input to OUT/<stem>.scored.parquet (see `output_paths` for inputs whose
-    names collide), keeping `_manifest.json` up to date; warnings go to each file's entry.
+                resume: bool = False, progress: bool = False, keep_going: bool = False,
+                roots: Sequence[Path] | None = None) -> dict[str, Any]:
+    """Score every input to OUT/<path below its root>/<stem>.scored.parquet (`output_paths`;
+    roots default to each input's folder), keeping `_manifest.json` up to date; warnings go to
+    each file's entry.
 
     With `resume`, inputs that the manifest marks done (and whose output is intact) are
     skipped; the manifest must come from the same model. Stops at the first failing input
@@ -285,7 +287,7 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
     stale = remove_stale_temps(out_dir)
     if stale:
         log.info("removed %d stale temporary file(s) from an interrupted run", len(stale))
-    targets = output_paths(inputs, out_dir)
+    targets = output_paths(inputs, out_dir, roots)
     model = {k: (model_info or {}).get(k) for k in ("uri", "name", "version", "run_id")}
     previous = read_manifest(out_dir) if resume else None
     if previous is not None:
@@ -294,6 +296,13 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
             raise DataError(f"{out_dir / MANIFEST}: written by model {before.get('uri')} (version "
                             f"{before.get('version')}), not {model['uri']} (version {model['version']}); "
                             "use another --output directory or drop --resume")
+    owner = {e.get("output"): key for key, e in (previous or {}).get("files", {}).items()
+             if e.get("status") == "done"}
+    for src, dst in zip(inputs, targets):     # refuse before writing anything
+        other = owner.get(str(dst))
+        if other is not None and other != _input_key(src):
+            raise DataError(f"{dst}: already holds the scores of {other} ({out_dir / MANIFEST}); scoring "
+                            f"{src} there would overwrite them: use another --output directory")
     manifest = {
         "format": MANIFEST_FORMAT, "version": 1, "model": model,
         "threshold": float(det.threshold_), "keep": keep, "batch_size": batch_size,

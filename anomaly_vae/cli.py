@@ -332,10 +332,11 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
     streamed batches.
 
     Output columns: the id columns (or all with --keep all) + anomaly_score, recon_nll, kl,
-    p_value, is_anomaly, top_features. Each output appears only when complete. Outputs are
-    OUTPUT/<name>.scored.parquet; when two inputs share a name (dt=2026-01-01/part-0.parquet,
-    dt=2026-01-02/part-0.parquet) every output keeps its input's folder relative to the
-    inputs' common parent (OUTPUT/dt=2026-01-01/part-0.scored.parquet).
+    p_value, is_anomaly, top_features. Each output appears only when complete. A file named
+    directly goes to OUTPUT/<name>.scored.parquet; files found under a directory or glob keep
+    their sub-folders below it (incoming/dt=2026-01-01/part-0.parquet ->
+    OUTPUT/dt=2026-01-01/part-0.scored.parquet), the same path on every run. With --resume,
+    an output that the manifest gives to another input is never overwritten.
 
     A bad input stops the run (finished outputs are kept); with --keep-going the other inputs
     are scored first, and the exit code is still 2. Nightly jobs: --resume --keep-going.
@@ -352,11 +353,12 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
     """
     from . import batch, io
 
-    paths = io.expand_inputs(inputs)
+    pairs = io.expand_inputs_with_roots(inputs)
     det, info = state.load_model(model)
     t0 = time.perf_counter()
-    result = batch.score_files(det, paths, output, model_info=info, keep=keep, batch_size=batch_size,
-                            resume=resume, progress=state.progress, keep_going=keep_going)
+    result = batch.score_files(det, [f for f, _ in pairs], output, model_info=info, keep=keep,
+                               batch_size=batch_size, resume=resume, progress=state.progress,
+                               keep_going=keep_going, roots=[r for _, r in pairs])
     wall = time.perf_counter() - t0
     s = result["summary"]
     rate = s["rows"] / wall if wall > 0 else 0.0

@@ -40,26 +40,39 @@ def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     scoring manifest (an output directory inside the input directory is not read back).
     Raises DataError naming the path when something does not exist, or when nothing is left.
     """
-    out: list[Path] = []
+    return [f for f, _ in expand_inputs_with_roots(paths)]
+
+
+def expand_inputs_with_roots(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
+    """`expand_inputs`, with the root of each file: the directory argument it was found under,
+    the fixed leading folders of its glob, or its own folder when named directly. Scoring
+    mirrors each file's path below its root, so outputs do not depend on which files are
+    present on a given night."""
+    out: list[tuple[Path, Path]] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
             found = _walk(p)
             if not found:
                 raise DataError(f"{p}: directory has no {'/'.join(SUFFIXES)} files (searched recursively)")
-            out.extend(found)
+            out.extend((f, p) for f in found)
         elif p.is_file():
-            out.append(p)
+            out.append((p, p.parent))
         elif glob.has_magic(str(raw)):
             found = sorted(Path(f) for f in glob.glob(str(raw), recursive=True)
                            if Path(f).is_file() and _is_data_file(Path(f)))
             if not found:
                 raise DataError(f"{raw}: pattern matches no {'/'.join(SUFFIXES)} files")
-            out.extend(found)
+            fixed = []
+            for part in p.parts:
+                if glob.has_magic(part):
+                    break
+                fixed.append(part)
+            out.extend((f, Path(*fixed) if fixed else Path(".")) for f in found)
         else:
             raise DataError(f"{raw}: no such file or directory")
     seen: set[Path] = set()
-    unique = [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+    unique = [(f, r) for f, r in out if not (f.resolve() in seen or seen.add(f.resolve()))]
     if not unique:
         raise DataError("no input files given")
     return unique

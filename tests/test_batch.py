@@ -42,15 +42,45 @@ def scored_rows():
     return mixed_frame(n=700, seed=7)
 
 
-def test_output_paths_flat_unless_names_collide(tmp_path):
+def test_output_paths_mirror_the_path_below_each_root(tmp_path):
     out = tmp_path / "out"
     flat = [tmp_path / "in" / "a.parquet", tmp_path / "in" / "b.csv"]
     assert batch.output_paths(flat, out) == [out / "a.scored.parquet", out / "b.scored.parquet"]
     hive = [tmp_path / "h" / "dt=2026-01-01" / "part-0.parquet", tmp_path / "h" / "dt=2026-01-02" / "part-0.parquet"]
-    assert batch.output_paths(hive, out) == [out / "dt=2026-01-01" / "part-0.scored.parquet",
-                                          out / "dt=2026-01-02" / "part-0.scored.parquet"]
+    expected = [out / "dt=2026-01-01" / "part-0.scored.parquet", out / "dt=2026-01-02" / "part-0.scored.parquet"]
+    assert batch.output_paths(hive, out, [tmp_path / "h"] * 2) == expected
+    # one day alone still goes to its sub-folder: the path does not depend on the other inputs
+    assert batch.output_paths(hive[1:], out, [tmp_path / "h"]) == expected[1:]
     with pytest.raises(DataError, match=r"a\.parquet.*a\.csv.*would all be written to"):
         batch.output_paths([tmp_path / "a.parquet", tmp_path / "a.csv", tmp_path / "x" / "a.pq"], out)
+    with pytest.raises(DataError, match="would all be written to"):
+        batch.output_paths(hive, out)                               # named directly: flat, clash
+
+
+def test_resume_never_overwrites_an_output_of_another_input(tmp_path, fitted, scored_rows):
+    land, out = tmp_path / "land", tmp_path / "out"
+    day1 = land / "dt=2026-01-01" / "part-0.parquet"
+    day1.parent.mkdir(parents=True)
+    scored_rows.iloc[:50].to_parquet(day1, index=False)
+    pairs = io.expand_inputs_with_roots([land])
+    batch.score_files(fitted, [f for f, _ in pairs], out, resume=True, roots=[r for _, r in pairs])
+    first = out / "dt=2026-01-01" / "part-0.scored.parquet"
+    before = first.read_bytes()
+    day1.unlink()                                                   # next night: only day 3 lands
+    day3 = land / "dt=2026-01-03" / "part-0.parquet"
+    day3.parent.mkdir()
+    scored_rows.iloc[50:80].to_parquet(day3, index=False)
+    pairs = io.expand_inputs_with_roots([land])
+    batch.score_files(fitted, [f for f, _ in pairs], out, resume=True, roots=[r for _, r in pairs])
+    assert first.read_bytes() == before
+    assert len(pd.read_parquet(out / "dt=2026-01-03" / "part-0.scored.parquet")) == 30
+    # a different input that would land on a finished output is refused before anything is written
+    other = tmp_path / "elsewhere" / "dt=2026-01-01" / "part-0.parquet"
+    other.parent.mkdir(parents=True)
+    scored_rows.iloc[:10].to_parquet(other, index=False)
+    with pytest.raises(DataError, match=r"already holds the scores of .*land/dt=2026-01-01.*another --output"):
+        batch.score_files(fitted, [other, day3], out, resume=True, roots=[tmp_path / "elsewhere", land])
+    assert first.read_bytes() == before
 
 
 def test_score_files_nested_outputs_resume_and_stale_temps(tmp_path, fitted, scored_rows):
@@ -60,7 +90,7 @@ def test_score_files_nested_outputs_resume_and_stale_temps(tmp_path, fitted, sco
         scored_rows.iloc[i * 100:(i + 1) * 100].to_parquet(hive / f"dt={day}" / "part-0.parquet", index=False)
     out = tmp_path / "out"
     inputs = io.expand_inputs([hive])
-    res = batch.score_files(fitted, inputs, out, batch_size=64)
+    res = batch.score_files(fitted, inputs, out, batch_size=64, roots=[hive] * len(inputs))
     assert res["summary"]["scored"] == 2
     first = out / "dt=2026-01-01" / "part-0.scored.parquet"
     got = pd.read_parquet(first)
@@ -70,7 +100,8 @@ def test_score_files_nested_outputs_resume_and_stale_temps(tmp_path, fitted, sco
     # a killed run left a temporary in a subfolder; --resume removes it and skips finished files
     (out / "dt=2026-01-02" / ".part-0.scored.parquet.tmp-0badc0de").write_bytes(b"half")
     mtime = first.stat().st_mtime_ns
-    res = batch.score_files(fitted, io.expand_inputs([str(hive / "dt=*" / "*.parquet")]), out, resume=True)
+    pairs = io.expand_inputs_with_roots([str(hive / "dt=*" / "*.parquet")])
+    res = batch.score_files(fitted, [f for f, _ in pairs], out, resume=True, roots=[r for _, r in pairs])
     assert (res["summary"]["scored"], res["summary"]["skipped"]) == (0, 2)
     assert first.stat().st_mtime_ns == mtime and _leftovers(out / "dt=2026-01-02") == []
 
@@ -228,10 +259,11 @@ def test_score_files_manifest_and_resume(tmp_path, fitted, scored_rows):
     other = {**info, "uri": "models:/m/2", "version": 2}
     with pytest.raises(DataError, match="written by model models:/m/1"):
         batch.score_files(fitted, inputs, out, model_info=other, resume=True)
-    # same base name in two folders: outputs keep the folders (relative to the common parent)
+    # same base name in two folders: given through their common folder, outputs keep the folders
     (tmp_path / "again").mkdir()
     scored_rows.head(5).to_parquet(tmp_path / "again" / "part-0.parquet", index=False)
-    res = batch.score_files(fitted, inputs + [tmp_path / "again" / "part-0.parquet"], tmp_path / "both")
+    both = inputs + [tmp_path / "again" / "part-0.parquet"]
+    res = batch.score_files(fitted, both, tmp_path / "both", roots=[tmp_path] * len(both))
     assert res["summary"]["scored"] == 4
     assert pq.read_metadata(tmp_path / "both" / "again" / "part-0.scored.parquet").num_rows == 5
     assert pq.read_metadata(tmp_path / "both" / "in" / "part-0.scored.parquet").num_rows == 200
