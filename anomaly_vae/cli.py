@@ -188,6 +188,19 @@ def _where(paths: list[Path], most: int = 3) -> str:
     return ", ".join(str(p) for p in paths[:most]) + more
 
 
+def _check_labels(df: Any, label: str, paths: list[Path]) -> int:
+    """Number of anomalies in the label column; DataError naming the input file(s) when the
+    column is absent or holds values other than 1/0 (checked before any model work)."""
+    from .evaluate import labels_from
+
+    if label not in df.columns:
+        raise DataError(f"{_where(paths)}: label column '{label}' not found; columns are {list(df.columns)}")
+    try:
+        return int(labels_from(df, label).sum())
+    except DataError as exc:
+        raise DataError(f"{_where(paths)}: {exc}") from exc
+
+
 def _fmt(x: Any, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
@@ -265,10 +278,7 @@ def train(state: State, data: tuple[str, ...], label: str | None, categorical: t
         raise DataError(f"{_where(paths)}: {len(df)} row(s); training needs at least 2")
     n_anom = 0
     if label:                       # check the label column before spending time on training
-        from .evaluate import labels_from
-        if label not in df.columns:
-            raise DataError(f"{paths[0]}: label column '{label}' not found; columns are {list(df.columns)}")
-        n_anom = int(labels_from(df, label).sum())
+        n_anom = _check_labels(df, label, paths)
     det = VAEAnomalyDetector(label=label, categorical=categorical or None, exclude=exclude or None,
                              id_cols=id_col or None, target_fpr=target_fpr, contamination=contamination,
                              max_epochs=epochs, latent_dim=latent_dim, random_state=seed,
@@ -389,10 +399,9 @@ def evaluate(state: State, model: str, data: tuple[str, ...], label: str, no_mlf
 
     paths = io.expand_inputs(data)
     df = io.read_tables(paths)
-    if label not in df.columns:
-        raise DataError(f"{paths[0]}: label column '{label}' not found; columns are {list(df.columns)}")
     if len(df) == 0:
         raise DataError(f"{_where(paths)}: no rows to evaluate")
+    _check_labels(df, label, paths)
     det, info = state.load_model(model)
     if no_mlflow:
         from .evaluate import evaluate as run_eval

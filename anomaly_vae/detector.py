@@ -133,6 +133,9 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
     def _split_label(self, df: pd.DataFrame, y: Any) -> tuple[pd.DataFrame, np.ndarray | None]:
         name = "y"
         if self.label is not None and self.label in df.columns:
+            if y is not None:
+                raise DataError(f"labels given twice: as y and as the label column '{self.label}'; "
+                                "pass one of them")
             y, name = df[self.label], f"column '{self.label}'"
             df = df.drop(columns=[self.label])
         if y is None:

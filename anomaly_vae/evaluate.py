@@ -24,10 +24,17 @@ def anomaly_mask(values: Any, name: str = "y", strict: bool = True) -> np.ndarra
     sklearn's -1 = outlier convention would otherwise be read silently as "all normal".
     strict=False (the `y` argument of fit, which sklearn tooling fills with class labels)
     only refuses -1, whose convention is the opposite of ours, and counts the rest as normal.
+    Missing labels are refused in both modes.
     """
     arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise DataError(f"label {name}: expected one label per row (1-D), got shape {arr.shape}")
     if arr.dtype.kind == "b":
         return arr.astype(bool)
+    missing = pd.isna(pd.Series(arr, dtype=object)).to_numpy()
+    if missing.any():
+        raise DataError(f"label {name}: {int(missing.sum()):,} of {len(arr):,} values are missing; "
+                        "fill or drop them (1 = anomaly, 0 = normal)")
     if arr.dtype.kind in "iuf":
         bad = ~np.isin(arr, (0, 1))
         mask = arr == 1
@@ -39,7 +46,8 @@ def anomaly_mask(values: Any, name: str = "y", strict: bool = True) -> np.ndarra
         bad &= np.isin(pd.Series(arr).astype(str).to_numpy(), ("-1", "-1.0"))
     if bad.any():
         examples = list(pd.unique(pd.Series(arr[bad]).astype(str)))[:5]
-        hint = " (sklearn's -1 = outlier is not accepted: map it to 1)" if "-1" in examples else ""
+        hint = (" (sklearn's outlier convention is not accepted: map -1 to 1 and its 1 = inlier to 0)"
+                if "-1" in examples else "")
         raise DataError(f"label {name}: expected 1 = anomaly / 0 = normal (or true/false), found "
                         f"{int(bad.sum()):,} of {len(arr):,} other values, e.g. {examples}{hint}")
     return mask
@@ -90,11 +98,7 @@ def labels_from(df: pd.DataFrame, label: str) -> np.ndarray:
     """Boolean anomaly mask from a label column; DataError naming the column when unusable."""
     if label not in df.columns:
         raise DataError(f"label column '{label}' not found; columns are {list(df.columns)}")
-    col = df[label]
-    if col.isna().any():
-        raise DataError(f"label column '{label}': {int(col.isna().sum()):,} of {len(col):,} values are "
-                        "missing; fill or drop them (1 = anomaly, 0 = normal)")
-    return anomaly_mask(col.to_numpy(), f"column '{label}'")
+    return anomaly_mask(df[label].to_numpy(), f"column '{label}'")
 
 
 def evaluate(det: "VAEAnomalyDetector", df: pd.DataFrame, label: str | None = "label") -> dict[str, Any]:

@@ -206,6 +206,19 @@ def test_score_warns_when_a_feature_column_is_null_in_every_row(data, model_dir,
     assert (broken["anomaly_score"] > fine["anomaly_score"]).mean() > 0.9
 
 
+def test_label_errors_name_the_file(data, model_dir, tmp_path):
+    rows = data["frame"].head(60)
+    rows.assign(label=rows["label"] * 2).to_parquet(tmp_path / "twos.parquet", index=False)
+    rows.assign(label=rows["label"].astype(float).where(rows.index % 7 != 0)).to_parquet(
+        tmp_path / "gaps.parquet", index=False)
+    for f, problem in (("twos.parquet", "other values, e.g. ['2']"), ("gaps.parquet", "values are missing")):
+        for args in (["evaluate", "-m", model_dir, tmp_path / f, "--label", "label", "--no-mlflow"],
+                     ["train", tmp_path / f, "--label", "label", "--no-mlflow", "-o", tmp_path / "m"]):
+            r = run(*args, ok=False)
+            assert r.exit_code == 2 and r.stderr.startswith(f"Error: {tmp_path / f}: label column 'label'"), r.stderr
+            assert problem in r.stderr, r.stderr
+
+
 def test_too_few_rows_errors_name_the_file(data, model_dir, tmp_path):
     data["frame"].head(0).to_parquet(tmp_path / "zerorows.parquet", index=False)
     for args in (["train", tmp_path / "zerorows.parquet", "--no-mlflow", "-o", tmp_path / "m"],

@@ -135,10 +135,21 @@ def test_label_column_values_other_than_zero_one_are_refused(frame, bad):
         VAEAnomalyDetector(label="lab", **FAST).fit(frame.assign(lab=y))
 
 
+def test_y_that_is_missing_two_dimensional_or_doubled_is_refused(frame):
+    y = np.zeros(len(frame))
+    y[:3] = np.nan
+    with pytest.raises(DataError, match=r"label y: 3 of 1,500 values are missing"):
+        VAEAnomalyDetector(**FAST).fit(frame, y)
+    with pytest.raises(DataError, match=r"one label per row \(1-D\), got shape \(1500, 2\)"):
+        VAEAnomalyDetector(**FAST).fit(frame, np.zeros((len(frame), 2)))
+    with pytest.raises(DataError, match="labels given twice"):
+        VAEAnomalyDetector(label="lab", **FAST).fit(frame.assign(lab=0), np.zeros(len(frame)))
+
+
 def test_y_in_sklearns_outlier_convention_is_refused(frame):
     y = np.ones(len(frame), dtype=int)     # sklearn: 1 = inlier, -1 = outlier: the opposite of ours
     y[:5] = -1
-    with pytest.raises(DataError, match="sklearn's -1 = outlier is not accepted"):
+    with pytest.raises(DataError, match="sklearn's outlier convention is not accepted: map -1 to 1 and its 1 = inlier to 0"):
         VAEAnomalyDetector(**FAST).fit(frame, y)
 
 
