@@ -374,10 +374,14 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
     rate = s["rows"] / wall if wall > 0 else 0.0
     label = info["uri"] if info.get("version") is None else f"{info['name']} v{info['version']} ({info['uri']})"
     state.echo(f"model:   {label}")
-    state.echo(f"files:   {s['scored']} scored" + (f", {s['skipped']} skipped (done)" if s["skipped"] else ""))
+    state.echo(f"files:   {s['scored']} scored" + (f", {s['skipped']} skipped (done)" if s["skipped"] else "")
+               + (f", {s['failed']} failed" if s["failed"] else ""))
     state.echo(f"rows:    {s['rows']:,} scored, {s['flagged']:,} flagged "
                f"({100 * s['flagged'] / max(s['rows'], 1):.2f}%), {rate:,.0f} rows/s")
     state.echo(f"output:  {output} (manifest {Path(output) / batch.MANIFEST})")
+    if s["failed"]:
+        raise DataError(f"{s['failed']} of {s['files']} input(s) failed (the others were scored; see "
+                        f"{Path(output) / batch.MANIFEST}); first: {s['failures'][0]}")
 
 
 # ------------------------------------------------------------------ evaluate

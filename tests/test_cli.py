@@ -326,6 +326,7 @@ def test_keep_going_scores_the_good_inputs_and_still_exits_2(data, model_dir, tm
     assert r.exit_code == 2, r.output
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: 2 of 4 input(s) failed") and "strings.parquet" in last
+    assert "files:   1 scored, 1 skipped (done), 2 failed" in r.stdout and "rows:    200 scored" in r.stdout
     assert sorted(p.name for p in out.glob("*.parquet")) == ["part-0.scored.parquet", "part-2.scored.parquet"]
     files = json.loads((out / "_manifest.json").read_text())["files"]
     assert sorted(e["status"] for e in files.values()) == ["done", "done", "failed", "failed"]
