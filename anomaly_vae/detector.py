@@ -241,8 +241,10 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         that column alone is set to its typical calibration value), so a value the encoder maps
         far into the latent space is named even when it is reconstructed well.
         """
-        terms = self.score_terms(X)
-        return self.score_table(terms, top_k)
+        table = self.score_table(self.score_terms(X), top_k)
+        if isinstance(X, pd.DataFrame):
+            table.index = X.index              # so df.join(det.explain(df)) lines up
+        return table
 
     def score_table(self, terms: S.ScoreTerms, top_k: int | None = None) -> pd.DataFrame:
         contrib = S.feature_contributions(terms, self.column_median_)
@@ -261,7 +263,8 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         calibration median, plus (flagged rows) the KL the column causes."""
         terms = self.score_terms(X)
         contrib = S.feature_contributions(terms, self.column_median_)
-        return pd.DataFrame(contrib, columns=[s.column for s in self.preprocessor_.spans])
+        return pd.DataFrame(contrib, columns=[s.column for s in self.preprocessor_.spans],
+                            index=X.index if isinstance(X, pd.DataFrame) else None)
 
     def encode(self, X: Any) -> np.ndarray:
         """Latent means (n, latent_dim)."""

@@ -223,8 +223,10 @@ class VAE(nn.Module):
             X[:, self.ind_idx] = torch.bernoulli(torch.sigmoid(ind_logit), generator=gen)
         off = 0
         for a, b in self.cat_spans:
-            probs = F.softmax(cat_logit[:, off:off + b - a], dim=1)
-            pick = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            logits = cat_logit[:, off:off + b - a]
+            if b - a > 1:                    # the last category is <unk>: a bucket, never drawn
+                logits = logits[:, :-1]
+            pick = torch.multinomial(F.softmax(logits, dim=1), 1, generator=gen)[:, 0]
             X[torch.arange(n), a + pick] = 1.0
             off += b - a
         return X.numpy()

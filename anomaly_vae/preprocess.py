@@ -67,6 +67,7 @@ class Preprocessor:
                                          "indicator": True}
             else:
                 self.params[col.name] = self._fit_categorical(col.kind, s)
+                self.params[col.name]["integer"] = col.dtype.lower().startswith(("int", "uint"))
         self._layout(schema)
         return self
 
@@ -205,7 +206,8 @@ class Preprocessor:
         """Approximate inverse of `encode` for numeric/categorical columns (used by `sample`).
 
         Numeric values are clipped to the training range and integer columns rounded (nullable
-        Int64). Datetime columns cannot be inverted from cyclic parts and come back as hour-of-day.
+        Int64); categories never come back as <unk>, <null> comes back as a null, and integer
+        categoricals come back as Int64. Datetime columns cannot be inverted from cyclic parts and come back as hour-of-day.
         """
         out = {}
         for span in self.spans:
@@ -223,9 +225,14 @@ class Preprocessor:
                 out[span.column + "_hour"] = np.mod(ang / (2 * np.pi) * 24, 24)
             else:
                 vocab = np.array(p["vocab"], dtype=object)
-                vals = vocab[np.argmax(X[:, span.start:span.stop], axis=1)]
+                logits = X[:, span.start:span.stop].astype(np.float64)
+                logits[:, vocab == UNK] = -np.inf          # <unk> is a bucket, not a value to emit
+                vals = np.where(np.isfinite(logits).any(1), vocab[np.argmax(logits, axis=1)], NULL)
+                vals = np.where(vals == NULL, None, vals)
                 if span.kind == "boolean":
-                    vals = pd.array([None if v in (NULL, UNK) else v == "true" for v in vals], dtype="boolean")
+                    vals = pd.array([None if v is None else v == "true" for v in vals], dtype="boolean")
+                elif p.get("integer"):
+                    vals = pd.array(pd.to_numeric(pd.Series(vals, dtype=object)), dtype="Int64")
                 out[span.column] = vals
         return pd.DataFrame(out)
 

@@ -195,3 +195,24 @@ def test_sample_keeps_integer_columns_and_training_ranges():
     assert synth["customer_age"].dtype == "float64"       # float in training (it has nulls): stays float
     for col in ("amount", "distance_from_home_km", "txn_count_1h", "customer_age"):
         assert synth[col].min() >= df[col].min() and synth[col].max() <= df[col].max()
+
+
+def test_explain_and_contributions_keep_the_input_index(fitted, frame):
+    rows = frame.iloc[10:20].set_index(pd.Index(range(100, 110)))
+    assert fitted.explain(rows).index.tolist() == list(range(100, 110))
+    assert fitted.contributions(rows).index.tolist() == list(range(100, 110))
+    joined = rows.join(fitted.explain(rows))
+    np.testing.assert_allclose(joined["anomaly_score"], fitted.anomaly_score(rows))
+
+
+def test_sample_never_emits_unk_and_keeps_integer_categories():
+    rng = np.random.default_rng(0)
+    n = 800
+    df = pd.DataFrame({"x": rng.normal(size=n),
+                       "code": rng.choice([1, 2, 3, 4, 5, 6, 7], n, p=[.3, .3, .2, .1, .05, .04, .01]),
+                       "shop": rng.choice(["a", "b", "c", "rare1", "rare2"], n, p=[.4, .3, .28, .01, .01])})
+    det = VAEAnomalyDetector(categorical=("code",), **FAST).fit(df)
+    assert "<unk>" in det.preprocessor_.params["shop"]["vocab"]
+    synth = det.sample(3000, seed=2)
+    assert "<unk>" not in set(synth["shop"].dropna()) and synth["shop"].notna().all()
+    assert str(synth["code"].dtype) == "Int64" and set(synth["code"]) <= set(df["code"])
