@@ -126,7 +126,8 @@ def infer_schema(df: pd.DataFrame, *, categorical: Iterable[str] = (), exclude: 
         else:
             kind = _infer_kind(str(name), s)
         if kind != "id" and s.isna().all():
-            raise DataError(f"column '{name}': every value is null; drop it with --exclude {name}")
+            raise DataError(f"column '{name}': every value is null; leave it out (exclude=['{name}'] in "
+                            f"Python, --exclude {name} on the command line)")
         if kind == "categorical" and name not in categorical:
             _warn_if_numbers_as_text(str(name), s)
         cols.append(Column(name=str(name), kind=kind, dtype=dtype))
