@@ -22,14 +22,18 @@ COMPARED = ("auprc", "auroc", "fpr", "recall", "score_psi", "n_nonfinite", "thre
 
 # ------------------------------------------------------------------ data
 def load_partitions(parts: Sequence[Partition], label: str | None) -> list[pd.DataFrame]:
-    """Read every partition; DataError naming the file when it is empty or lacks the label."""
+    """Read every partition; DataError naming the file when it is empty or its label column is
+    absent or holds values other than 1/0 (or true/false)."""
     frames = []
     for p in parts:
         df = read_table(p.path)
         if len(df) == 0:
             raise DataError(f"{p.path}: partition has no rows")
-        if label is not None and label not in df.columns:
-            raise DataError(f"{p.path}: label column '{label}' not found; columns are {list(df.columns)}")
+        if label is not None:
+            try:
+                labels_from(df, label)
+            except DataError as exc:
+                raise DataError(f"{p.path}: {exc}") from exc
         frames.append(df)
     return frames
 

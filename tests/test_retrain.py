@@ -169,6 +169,24 @@ def test_drift_of_a_shift_in_the_newest_partition_is_not_diluted_by_the_window(f
     assert set(table["feature"]) == set(window["feature"]) == set(newest["feature"])
 
 
+def test_partition_label_errors_name_the_file(tmp_path):
+    from pipelines.holdout import load_partitions
+    good = make_transactions(50, seed=1)
+    paths = []
+    for i, labels in enumerate([good["label"], good["label"] * 2, good["label"].astype(float).where(good.index > 2)]):
+        paths.append(tmp_path / f"dt=2026-01-0{i + 1}.parquet")
+        good.assign(label=labels).to_parquet(paths[-1], index=False)
+    parts = _parts(3)
+    parts = [p._replace(path=path) for path, p in zip(paths, parts)]
+    assert len(load_partitions(parts[:1], "label")) == 1
+    with pytest.raises(DataError, match=r"dt=2026-01-02\.parquet: label column 'label'.*other values"):
+        load_partitions(parts[:2], "label")
+    with pytest.raises(DataError, match=r"dt=2026-01-03\.parquet: label column 'label'.*3 of 50 values are missing"):
+        load_partitions(parts[::2], "label")
+    with pytest.raises(DataError, match=r"dt=2026-01-01\.parquet: label column 'fraud' not found"):
+        load_partitions(parts[:1], "fraud")
+
+
 # ======================================================================= lock
 def test_lock_is_exclusive_and_wait_gets_it(tmp_path):
     path = tmp_path / "locks" / "m.lock"
