@@ -198,8 +198,10 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         elif self.config_.score_method == "iwae":
             iw = self.vae_.iwae_nll(X, self.config_.n_importance_samples, seed=self.config_.seed)
             terms = terms._replace(anomaly_score=iw)
-        flagged = terms.anomaly_score > self.threshold_ if attribute else None
-        if attribute and self.typical_x_ is not None and flagged.any():
+        if not attribute or self.typical_x_ is None:     # calibration runs before a threshold exists
+            return terms
+        flagged = terms.anomaly_score > self.threshold_
+        if flagged.any():
             # the KL term has no column of its own: for flagged rows, charge each column the KL it
             # causes (how much KL falls when that column alone takes its typical value)
             column_kl = np.zeros_like(terms.column_nll)

@@ -31,7 +31,7 @@ def anomaly_mask(values: Any, name: str = "y", strict: bool = True) -> np.ndarra
         raise DataError(f"label {name}: expected one label per row (1-D), got shape {arr.shape}")
     if arr.dtype.kind == "b":
         return arr.astype(bool)
-    missing = pd.isna(pd.Series(arr, dtype=object)).to_numpy()
+    missing = pd.isna(arr) if arr.dtype.kind in "fO" else np.zeros(len(arr), dtype=bool)
     if missing.any():
         raise DataError(f"label {name}: {int(missing.sum()):,} of {len(arr):,} values are missing; "
                         "fill or drop them (1 = anomaly, 0 = normal)")
