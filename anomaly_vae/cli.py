@@ -235,7 +235,8 @@ def main(ctx: click.Context, quiet: bool, debug: bool, tracking_uri: str | None,
 # ------------------------------------------------------------------ train
 @main.command(short_help="Fit a detector on parquet/CSV data and save / log / register it.")
 @click.argument("data", nargs=-1, required=True)
-@click.option("--label", metavar="COL", help="Label column: 1 / true / yes = anomaly (left out of training), 0 / false / no = normal.")
+@click.option("--label", metavar="COL",
+              help="Label column: 1 / true / yes = anomaly (left out of training), 0 / false / no = normal.")
 @_column_list_option("--categorical", "Treat these columns as categorical")
 @_column_list_option("--exclude", "Leave these columns out entirely")
 @_column_list_option("--id-col", "Pass these columns through as ids, not features")
@@ -389,7 +390,8 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
 @main.command(short_help="AUROC / AUPRC / FPR / recall of a model on labelled data.")
 @_model_option
 @click.argument("data", nargs=-1, required=True)
-@click.option("--label", default="label", show_default=True, metavar="COL", help="Label column: 1 / true / yes = anomaly, 0 / false / no = normal.")
+@click.option("--label", default="label", show_default=True, metavar="COL",
+              help="Label column: 1 / true / yes = anomaly, 0 / false / no = normal.")
 @_mlflow_options
 @pass_state
 def evaluate(state: State, model: str, data: tuple[str, ...], label: str, no_mlflow: bool, experiment: str) -> None:

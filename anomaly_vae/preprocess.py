@@ -124,7 +124,7 @@ class Preprocessor:
                 width = 1 if col.kind == "numeric" else len(DATETIME_PARTS)
                 spans.append(Span(col.name, col.kind, pos, pos + width))
                 pos += width
-                if p.get("indicator", p["has_missing"]):    # models saved before 0.2: only with nulls
+                if p.get("indicator", p["has_missing"]):    # older model files: only columns with nulls
                     needs_ind.append(len(spans) - 1)
         for i in needs_ind:                    # then indicators
             s = spans[i]
@@ -207,7 +207,8 @@ class Preprocessor:
 
         Numeric values are clipped to the training range and integer columns rounded (nullable
         Int64); categories never come back as <unk>, <null> comes back as a null, and integer
-        categoricals come back as Int64. Datetime columns cannot be inverted from cyclic parts and come back as hour-of-day.
+        categoricals come back as Int64. Datetime columns cannot be inverted from cyclic parts
+        and come back as hour-of-day.
         """
         out = {}
         for span in self.spans:
@@ -215,7 +216,7 @@ class Preprocessor:
             if span.kind == "numeric":
                 t = X[:, span.start].astype("float64") * p["std"] + p["mean"]
                 vals = _inverse_transform(t, p)
-                if "min" in p:                       # models saved before 0.2 lack the range
+                if "min" in p:                       # older model files lack the range
                     vals = np.clip(vals, p["min"], p["max"])
                 if span.indicator >= 0:
                     vals = np.where(X[:, span.indicator] > 0.5, np.nan, vals)

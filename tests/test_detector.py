@@ -149,7 +149,7 @@ def test_y_that_is_missing_two_dimensional_or_doubled_is_refused(frame):
 def test_y_in_sklearns_outlier_convention_is_refused(frame):
     y = np.ones(len(frame), dtype=int)     # sklearn: 1 = inlier, -1 = outlier: the opposite of ours
     y[:5] = -1
-    with pytest.raises(DataError, match="sklearn's outlier convention is not accepted: map -1 to 1 and its 1 = inlier to 0"):
+    with pytest.raises(DataError, match="sklearn's outlier convention is not accepted: map -1 to 1 and its 1 = inlier"):
         VAEAnomalyDetector(**FAST).fit(frame, y)
 
 

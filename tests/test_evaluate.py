@@ -79,7 +79,7 @@ def test_labels_that_are_not_binary_are_refused():
         labels_from(df, "kind")
     with pytest.raises(DataError, match=r"label column 'id'.*1 of 3.*\['7'\]"):
         labels_from(df, "id")
-    with pytest.raises(DataError, match="sklearn's outlier convention is not accepted: map -1 to 1 and its 1 = inlier to 0"):
+    with pytest.raises(DataError, match="sklearn's outlier convention is not accepted: map -1 to 1 and its 1 = inlier"):
         labels_from(df, "sk")
 
 

@@ -73,7 +73,10 @@ def test_kl_occlusion_is_the_kl_drop_when_one_column_takes_its_typical_value():
     X[:, 1] = 3.0
     got = vae.kl_occlusion(X, columns, typical, max_cells=2048)
     assert got.shape == (700, 4) and (got >= 0).all()
-    kl = lambda a: kl_divergence(*vae.encode(torch.from_numpy(a))).sum(1).detach().numpy()
+
+    def kl(a):
+        return kl_divergence(*vae.encode(torch.from_numpy(a))).sum(1).detach().numpy()
+
     for j, dims in enumerate(columns):
         occluded = X.copy()
         occluded[:, dims] = typical[dims]
