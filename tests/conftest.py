@@ -77,3 +77,23 @@ def new_mlflow_store(tmp_path_factory):
         return f"sqlite:///{root}/mlruns/mlflow.db"
 
     return make
+
+
+def log_demo_model(store_uri: str, *, n_rows: int, n_train: int, seed: int, name: str, dataset_name: str,
+                   evaluate: bool = False, **log_kwargs):
+    """Point anomaly_vae.tracking at `store_uri`, fit a 3-epoch detector on the first `n_train` of
+    `n_rows` demo transactions, log it (with the rest as evaluation data when `evaluate`) and
+    register it as `name`; returns (uri, det, train, test, run). Shared by the MLflow test
+    modules; each keeps its own store, data seed and extra logging."""
+    from anomaly_vae import VAEAnomalyDetector
+    from anomaly_vae import tracking as T
+    from anomaly_vae.demo import DEMO_EXCLUDE, make_transactions
+
+    uri = T.configure(store_uri)
+    df = make_transactions(n_rows, fraud_rate=0.03, seed=seed)
+    train, test = df.iloc[:n_train].reset_index(drop=True), df.iloc[n_train:].reset_index(drop=True)
+    det = VAEAnomalyDetector(max_epochs=3, random_state=0, n_threads=1, label="label",
+                             exclude=DEMO_EXCLUDE).fit(train)
+    run = T.log_training_run(det, train, dataset_name=dataset_name, register_as=name,
+                             eval_df=test if evaluate else None, **log_kwargs)
+    return uri, det, train, test, run

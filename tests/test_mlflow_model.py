@@ -12,9 +12,8 @@ import pytest
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from anomaly_vae import VAEAnomalyDetector
 from anomaly_vae import tracking as T
-from anomaly_vae.demo import DEMO_EXCLUDE, make_transactions
+from conftest import log_demo_model
 
 NAME = "pyfunc-test"
 SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
@@ -26,12 +25,8 @@ def champion(tmp_path_factory, new_mlflow_store):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        uri = T.configure(new_mlflow_store(root))
-        df = make_transactions(1200, fraud_rate=0.03, seed=2)
-        train, test = df.iloc[:900].reset_index(drop=True), df.iloc[900:].reset_index(drop=True)
-        det = VAEAnomalyDetector(max_epochs=3, random_state=0, n_threads=1, label="label",
-                                 exclude=DEMO_EXCLUDE).fit(train)
-        run = T.log_training_run(det, train, dataset_name="pyfunc-train", register_as=NAME)
+        uri, det, _, test, run = log_demo_model(new_mlflow_store(root), n_rows=1200, n_train=900, seed=2,
+                                                name=NAME, dataset_name="pyfunc-train")
         T.set_alias(NAME, run.version, "champion")
         yield SimpleNamespace(uri=uri, root=root, det=det, test=test, run=run)
     finally:

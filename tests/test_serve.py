@@ -17,9 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly_vae import VAEAnomalyDetector
 from anomaly_vae import tracking as T
-from anomaly_vae.demo import DEMO_EXCLUDE, make_transactions
+from conftest import log_demo_model
 
 pytestmark = pytest.mark.serve
 
@@ -60,12 +59,8 @@ def server(tmp_path_factory, new_mlflow_store):
     proc = None
     log_path = root / "server.log"
     try:
-        uri = T.configure(new_mlflow_store(root))
-        df = make_transactions(1000, fraud_rate=0.03, seed=4)
-        train, test = df.iloc[:800].reset_index(drop=True), df.iloc[800:].reset_index(drop=True)
-        det = VAEAnomalyDetector(max_epochs=3, random_state=0, n_threads=1, label="label",
-                                 exclude=DEMO_EXCLUDE).fit(train)
-        run = T.log_training_run(det, train, dataset_name="serve-train", register_as=NAME)
+        uri, det, _, test, run = log_demo_model(new_mlflow_store(root), n_rows=1000, n_train=800, seed=4,
+                                                name=NAME, dataset_name="serve-train")
         T.set_alias(NAME, run.version, "champion")
 
         bin_dir = Path(sys.executable).parent            # the venv's bin/: the server runs uvicorn from PATH

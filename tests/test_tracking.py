@@ -13,10 +13,11 @@ import pytest
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from anomaly_vae import ModelNotFoundError, VAEAnomalyDetector
+from anomaly_vae import ModelNotFoundError
 from anomaly_vae import plots
 from anomaly_vae import tracking as T
-from anomaly_vae.demo import DEMO_EXCLUDE, make_transactions
+from anomaly_vae.demo import DEMO_EXCLUDE
+from conftest import log_demo_model
 
 HISTORY_KEYS = ("loss", "recon_nll", "kl", "beta", "val_loss", "active_units")
 NAME = "payments-test"
@@ -29,14 +30,10 @@ def logged(tmp_path_factory, new_mlflow_store):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        uri = T.configure(new_mlflow_store(root))
-        df = make_transactions(1500, fraud_rate=0.03, seed=1)
-        train, test = df.iloc[:1100].reset_index(drop=True), df.iloc[1100:].reset_index(drop=True)
-        det = VAEAnomalyDetector(max_epochs=3, random_state=0, n_threads=1, label="label",
-                                 exclude=DEMO_EXCLUDE).fit(train)
-        run = T.log_training_run(det, train, dataset_name="demo-train", dataset_source=str(root / "train.parquet"),
-                                 eval_df=test, label="label", run_name="unit", register_as=NAME,
-                                 tags={"purpose": "test"})
+        uri, det, train, test, run = log_demo_model(
+            new_mlflow_store(root), n_rows=1500, n_train=1100, seed=1, name=NAME, dataset_name="demo-train",
+            dataset_source=str(root / "train.parquet"), label="label", run_name="unit",
+            tags={"purpose": "test"}, evaluate=True)
         v2 = T.register(run.run_id, NAME)
         T.set_alias(NAME, run.version, "champion")
         T.set_alias(NAME, v2, "challenger")
