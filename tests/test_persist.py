@@ -39,17 +39,20 @@ def test_refuses_to_overwrite_foreign_directory(fitted, tmp_path):
     assert (tmp_path / "stuff" / "notes.txt").read_text() == "keep me"
 
 
+def _rewrite_json(model_dir: str, name: str, **changes) -> None:
+    path = os.path.join(model_dir, name)
+    data = json.loads(open(path).read())
+    data.update(changes)
+    open(path, "w").write(json.dumps(data))
+
+
 def test_load_refuses_tampered_and_unknown_formats(fitted, tmp_path):
     path = fitted.save(tmp_path / "m")
-    cal = json.loads(open(os.path.join(path, "calibration.json")).read())
-    cal["threshold"] = 1e9
-    open(os.path.join(path, "calibration.json"), "w").write(json.dumps(cal))
+    _rewrite_json(path, "calibration.json", threshold=1e9)
     with pytest.raises(ModelFormatError, match="calibration.json.*sha256"):
         VAEAnomalyDetector.load(path)
     path2 = fitted.save(tmp_path / "m2")
-    man = json.loads(open(os.path.join(path2, "manifest.json")).read())
-    man["format_version"] = 99
-    open(os.path.join(path2, "manifest.json"), "w").write(json.dumps(man))
+    _rewrite_json(path2, "manifest.json", format_version=99)
     with pytest.raises(ModelFormatError, match="version 99"):
         VAEAnomalyDetector.load(path2)
     with pytest.raises(ModelNotFoundError):
