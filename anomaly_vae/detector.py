@@ -287,7 +287,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
     def load(cls, path: str | os.PathLike) -> "VAEAnomalyDetector":
         """Load a directory written by `save`, verifying format version and file hashes."""
         from .persist import load_model
-        return load_model(path)
+        return load_model(path, cls)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -1,7 +1,7 @@
 """Evaluation metrics for a detector on labelled data (pure; no MLflow, no torch)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -9,8 +9,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .errors import DataError
 
-if TYPE_CHECKING:
-    from .detector import VAEAnomalyDetector
+
+class Scorer(Protocol):
+    """What `evaluate` needs of a fitted detector (VAEAnomalyDetector; evaluate sits below it)."""
+
+    threshold_: float
+
+    def score_terms(self, X: Any) -> Any: ...
 
 # label rule shared by fit, evaluate, the CLI and retraining: 1 / True = anomaly, 0 / False = normal
 ANOMALY_TEXT = ("1", "1.0", "true", "yes")
@@ -101,7 +106,7 @@ def labels_from(df: pd.DataFrame, label: str) -> np.ndarray:
     return anomaly_mask(df[label].to_numpy(), f"column '{label}'")
 
 
-def evaluate(det: "VAEAnomalyDetector", df: pd.DataFrame, label: str | None = "label") -> dict[str, Any]:
+def evaluate(det: Scorer, df: pd.DataFrame, label: str | None = "label") -> dict[str, Any]:
     """Score `df` with `det` (label column removed first) and compare with the labels.
 
     ``label=None`` treats every row as normal (fpr only). Adds ``threshold`` to the

@@ -11,7 +11,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +21,6 @@ from .config import Config
 from .errors import ModelFormatError, ModelNotFoundError
 from .preprocess import Preprocessor
 from .schema import Schema
-
-if TYPE_CHECKING:
-    from .detector import VAEAnomalyDetector
 
 FORMAT = "anomaly-vae-model"
 FORMAT_VERSION = 1
@@ -50,8 +47,9 @@ def _dump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, allow_nan=True))
 
 
-def save_model(det: "VAEAnomalyDetector", path: str | os.PathLike) -> str:
-    """Write to a temp dir beside `path`, then rename into place (old model swapped out last)."""
+def save_model(det: Any, path: str | os.PathLike) -> str:
+    """Write fitted detector `det` to a temp dir beside `path`, then rename into place (old model
+    swapped out last)."""
     from sklearn.utils.validation import check_is_fitted
     check_is_fitted(det, "vae_")
     path = Path(path)
@@ -93,8 +91,9 @@ def save_model(det: "VAEAnomalyDetector", path: str | os.PathLike) -> str:
     return str(path)
 
 
-def load_model(path: str | os.PathLike) -> "VAEAnomalyDetector":
-    from .detector import VAEAnomalyDetector
+def load_model(path: str | os.PathLike, cls: type) -> Any:
+    """A fitted `cls` (VAEAnomalyDetector, passed in so that persist stays below detector) from
+    a model directory, after checking format version and file hashes."""
     from .model import VAE
     from .train import History
 
@@ -121,7 +120,7 @@ def load_model(path: str | os.PathLike) -> "VAEAnomalyDetector":
     for k in ("hidden", "categorical", "exclude", "id_cols"):
         if params.get(k) is not None:
             params[k] = tuple(params[k])
-    det = VAEAnomalyDetector(**params)
+    det = cls(**params)
     det.config_ = Config.from_dict({**cfg["config"], "hidden": tuple(cfg["config"]["hidden"])})
     det._from_array = bool(cfg.get("from_array", False))
     det.schema_ = Schema.from_dict(_read_json(path / "schema.json"))

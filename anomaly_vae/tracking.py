@@ -1,25 +1,20 @@
-"""MLflow tracking, model registry and loading of logged models.
+"""MLflow runs: training and evaluation runs, summary runs and runs kept open by id.
 
-Store: ``sqlite:///<cwd>/mlruns/mlflow.db`` by default (``MLFLOW_TRACKING_URI`` overrides,
-an explicit ``tracking_uri`` overrides both); artifacts of experiments created here go to
-``<db dir>/artifacts``. A training run logs params, per-epoch metrics, calibration and
-evaluation metrics, plots, the training dataset and the model as a pyfunc logged from code
-(``mlflow_model.py``) with the native model directory (JSON + safetensors) as artifact
-"model_dir". `load_detector` reads that native directory back; nothing is ever unpickled.
+A training run logs params, per-epoch metrics, calibration and evaluation metrics, plots,
+the training dataset and the model as a pyfunc logged from code (``mlflow_model.py``) with
+the native model directory (JSON + safetensors) as artifact "model_dir". Where the store is:
+`store`; registered models, aliases and loading: `registry` (their public names are
+re-exported here for older callers).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
 import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import mlflow
 import numpy as np
@@ -32,18 +27,19 @@ from mlflow.tracking import MlflowClient
 from . import __version__
 from . import plots
 from . import score as S
-from .errors import ModelNotFoundError
 from .evaluate import evaluate_scores, labels_from
+from .registry import (MODEL_ARTIFACT_PATH, MODEL_DIR_ARTIFACT, get_alias_version, list_models,  # noqa: F401
+                       list_versions, load_detector, register, resolve_model_uri, set_alias,
+                       set_version_tags)
+from .store import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, _configured, _ensure_configured,  # noqa: F401
+                    _experiment_id, _param_value, _quiet_downloads, _quote, artifact_location, configure,
+                    preserve_configuration)
 
 if TYPE_CHECKING:
     from .detector import VAEAnomalyDetector
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-DEFAULT_EXPERIMENT = "anomaly-vae"
-MODEL_ARTIFACT_PATH = "model"           # runs:/<run_id>/model
-MODEL_DIR_ARTIFACT = "model_dir"        # key of the native model dir in the pyfunc's artifacts
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 HISTORY_METRICS = ("loss", "recon_nll", "kl", "beta", "val_loss", "val_recon_nll", "val_kl", "active_units")
 EVAL_METRIC_NAMES = {"auroc": "auroc", "auprc": "auprc", "fpr": "fpr_at_threshold", "recall": "recall",
@@ -51,8 +47,6 @@ EVAL_METRIC_NAMES = {"auroc": "auroc", "auprc": "auprc", "fpr": "fpr_at_threshol
                      "flag_rate": "eval_flag_rate"}
 INPUT_EXAMPLE_ROWS = 5
 PLOT_MAX_ROWS = 50_000      # training rows scored for the plots when no eval_df is given
-_NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
-_configured: dict[str, str] = {}      # the URI chosen by the last `configure` call in this process
 
 
 class TrainRun(NamedTuple):
@@ -62,96 +56,6 @@ class TrainRun(NamedTuple):
     model_uri: str
     version: int | None
     metrics: dict
-
-
-# ------------------------------------------------------------------ store
-def _absolute_sqlite(uri: str) -> str:
-    """sqlite:///relative/x.db -> sqlite:////<cwd>/relative/x.db (other URIs unchanged)."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri.startswith(prefix + "/") or uri == prefix + ":memory:":
-        return uri
-    return prefix + str((Path.cwd() / uri[len(prefix):]).resolve())
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """Database file of an absolute SQLite URI (query string ignored), else None."""
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0]) if uri.startswith("sqlite:////") else None
-
-
-def configure(tracking_uri: str | None = None) -> str:
-    """Point MLflow tracking and registry at the store; returns the URI in use.
-
-    Precedence: explicit `tracking_uri` > env ``MLFLOW_TRACKING_URI`` > ``sqlite:///mlruns/mlflow.db``
-    (relative to the current directory; made absolute). For SQLite stores the database's
-    directory (``mlruns/``) is created and holds the artifacts (``mlruns/artifacts``).
-    """
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    uri = _absolute_sqlite(str(uri))
-    db = _sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    _configured["uri"] = uri
-    return uri
-
-
-def _ensure_configured(tracking_uri: str | None = None) -> str:
-    if tracking_uri is not None or "uri" not in _configured:
-        return configure(tracking_uri)
-    return _configured["uri"]
-
-
-@contextmanager
-def preserve_configuration() -> Iterator[None]:
-    """Context manager: on exit, put back the store chosen by `configure` and MLflow's tracking
-    and registry URIs as they were on entry (with no store configured on entry: env
-    ``MLFLOW_TRACKING_URI`` as it was then, else MLflow's default).
-
-    For tests and scripts that `configure` another store for a while.
-    """
-    saved = dict(_configured)
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        yield
-    finally:
-        _configured.clear()
-        _configured.update(saved)
-        uri = saved.get("uri") or env_uri or None
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-
-
-def artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """Artifact root for a new experiment: ``<db dir>/artifacts/<experiment>`` as a file URI for
-    SQLite stores; None (the server's default) otherwise."""
-    db = _sqlite_path(tracking_uri)
-    if db is None:
-        return None
-    return (db.parent / "artifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)).as_uri()
-
-
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            log.info("experiment %r was deleted; restoring it", name)
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location(_configured["uri"], name))
-    except MlflowException:            # created concurrently by another process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
-# -------------------------------------------------------------- helpers
-def _param_value(v: Any) -> str:
-    if isinstance(v, (list, tuple, dict)):
-        return json.dumps(v)
-    return str(v)
 
 
 def _params(det: "VAEAnomalyDetector") -> dict[str, str]:
@@ -475,242 +379,3 @@ def log_figure(run_id: str, figure: Any, path: str) -> None:
     """Save a matplotlib `figure` as image artifact `path` (``*.png``) of run `run_id`."""
     _ensure_configured()
     MlflowClient().log_figure(run_id, figure, path)
-
-
-# ------------------------------------------------------------- registry
-def _not_found(exc: MlflowException) -> bool:
-    return exc.error_code in _NOT_FOUND_CODES or "not found" in str(exc).lower() \
-        or "does not exist" in str(exc).lower()
-
-
-def _logged_model_uri(client: MlflowClient, run_id: str) -> str:
-    """``models:/<model_id>`` of the run's logged model named 'model' (MLflow 3 stores logged
-    models outside the run's artifacts); falls back to ``runs:/<run_id>/model``."""
-    run = client.get_run(run_id)
-    for out in getattr(run.outputs, "model_outputs", None) or []:
-        if client.get_logged_model(out.model_id).name == MODEL_ARTIFACT_PATH:
-            return f"models:/{out.model_id}"
-    return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
-
-
-def register(run_id: str, name: str) -> int:
-    """Register the model logged by run `run_id` (``runs:/<run_id>/model``) under `name`
-    (created if new); returns the new version number."""
-    _ensure_configured()
-    try:
-        source = _logged_model_uri(MlflowClient(), run_id)
-        mv = mlflow.register_model(source, name)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"run {run_id!r} has no logged model at '{MODEL_ARTIFACT_PATH}' "
-                                     f"({exc.message})") from exc
-        raise
-    return int(mv.version)
-
-
-def set_alias(name: str, version: int, alias: str) -> None:
-    """Point `alias` (e.g. champion, challenger) of registered model `name` at `version`."""
-    _ensure_configured()
-    try:
-        MlflowClient().set_registered_model_alias(name, alias, str(int(version)))
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"registered model '{name}' version {version} not found") from exc
-        raise
-
-
-def set_version_tags(name: str, version: int, tags: Mapping[str, Any]) -> None:
-    """Set tags on version `version` of registered model `name`; None values are skipped."""
-    _ensure_configured()
-    client = MlflowClient()
-    for k, v in tags.items():
-        if v is not None:
-            client.set_model_version_tag(name, str(version), k, _param_value(v))
-
-
-def get_alias_version(name: str, alias: str) -> int | None:
-    """Version that `alias` points at, or None when the model or the alias does not exist."""
-    _ensure_configured()
-    try:
-        return int(MlflowClient().get_model_version_by_alias(name, alias).version)
-    except MlflowException as exc:
-        if _not_found(exc):
-            return None
-        raise
-
-
-def _registered_model(client: MlflowClient, name: str):
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as exc:
-        if _not_found(exc):
-            known = sorted(m.name for m in client.search_registered_models(max_results=50))
-            raise ModelNotFoundError(f"registered model '{name}' not found; registered models: "
-                                     f"{known or 'none'}") from exc
-        raise
-
-
-def list_versions(name: str) -> list[dict]:
-    """All versions of registered model `name`, oldest first.
-
-    Each: {"version": int, "aliases": [...], "run_id", "created": ISO time (UTC),
-    "metrics": the run's scalar metrics (latest values)}. ModelNotFoundError for an unknown name.
-    """
-    _ensure_configured()
-    client = MlflowClient()
-    model = _registered_model(client, name)
-    aliases: dict[int, list[str]] = {}
-    for alias, version in (model.aliases or {}).items():
-        aliases.setdefault(int(version), []).append(alias)
-    out = []
-    for mv in client.search_model_versions(f"name = '{_quote(name)}'"):
-        metrics: dict[str, float] = {}
-        if mv.run_id:
-            try:
-                metrics = dict(client.get_run(mv.run_id).data.metrics)
-            except MlflowException:
-                metrics = {}
-        out.append({"version": int(mv.version), "aliases": sorted(aliases.get(int(mv.version), [])),
-                    "run_id": mv.run_id,
-                    "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(),
-                    "metrics": metrics})
-    return sorted(out, key=lambda d: d["version"])
-
-
-def list_models() -> list[dict]:
-    """Every registered model, by name: {"name", "latest": newest version or None,
-    "aliases": {alias: version}}."""
-    _ensure_configured()
-    client, found, token = MlflowClient(), [], None
-    while True:
-        page = client.search_registered_models(max_results=1000, page_token=token)
-        found += list(page)
-        token = page.token
-        if not token:
-            break
-    return [{"name": rm.name,
-             "latest": max((int(v.version) for v in rm.latest_versions or []), default=None),
-             "aliases": {a: int(v) for a, v in (rm.aliases or {}).items()}}
-            for rm in sorted(found, key=lambda m: m.name)]
-
-
-def _quote(name: str) -> str:
-    return name.replace("'", "\\'")
-
-
-# -------------------------------------------------------------- loading
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
-_LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)/?$")     # MLflow 3 logged model
-_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<path>.+?)/?$")
-
-
-def resolve_model_uri(model: str) -> dict[str, Any]:
-    """Parse and check a registry / run / logged-model URI: {"uri", "name", "version", "run_id",
-    "source"}. Accepted: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model and
-    models:/<model_id> (MLflow 3 logged model, as shown in the UI).
-
-    ``source`` is the URI whose artifacts hold the pyfunc model. ModelNotFoundError when the
-    name, alias, version or run does not exist.
-    """
-    _ensure_configured()
-    client = MlflowClient()
-    m = _LOGGED_MODEL_URI.match(model)
-    if m:
-        try:
-            logged = client.get_logged_model(m["model_id"])
-        except MlflowException as exc:
-            if _not_found(exc):
-                raise ModelNotFoundError(f"{model}: logged model '{m['model_id']}' not found in "
-                                         f"{_configured['uri']}") from exc
-            raise
-        return {"uri": model, "name": None, "version": None, "run_id": logged.source_run_id,
-                "source": logged.artifact_location}
-    m = _MODELS_URI.match(model)
-    if m:
-        name = m["name"]
-        _registered_model(client, name)
-        try:
-            mv = (client.get_model_version_by_alias(name, m["alias"]) if m["alias"]
-                  else client.get_model_version(name, m["version"]))
-        except MlflowException as exc:
-            if not _not_found(exc):
-                raise
-            what = f"alias '@{m['alias']}'" if m["alias"] else f"version {m['version']}"
-            have = [f"v{v['version']}" + (f" @{','.join(v['aliases'])}" if v["aliases"] else "")
-                    for v in list_versions(name)]
-            raise ModelNotFoundError(f"{model}: registered model '{name}' has no {what}; "
-                                     f"versions: {', '.join(have) or 'none'}") from exc
-        return {"uri": model, "name": name, "version": int(mv.version), "run_id": mv.run_id,
-                "source": f"models:/{name}/{mv.version}"}
-    m = _RUNS_URI.match(model)
-    if m:
-        try:
-            client.get_run(m["run_id"])
-        except MlflowException as exc:
-            if _not_found(exc):
-                raise ModelNotFoundError(f"{model}: run '{m['run_id']}' not found in {_configured['uri']}") from exc
-            raise
-        return {"uri": model, "name": None, "version": None, "run_id": m["run_id"], "source": model}
-    raise ModelNotFoundError(f"{model}: expected a model directory, runs:/<run_id>/model, "
-                             "models:/<name>/<version> or models:/<name>@<alias>")
-
-
-@contextmanager
-def _quiet_downloads():
-    """Hide MLflow's per-file download progress bars (noise in cron logs)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def _download(uri: str, dst: str) -> str:
-    try:
-        with _quiet_downloads():
-            return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"{uri}: not found in the artifact store ({exc.message})") from exc
-        raise
-    except OSError as exc:
-        raise ModelNotFoundError(f"{uri}: cannot download ({exc})") from exc
-
-
-def load_detector(model: str | os.PathLike) -> tuple["VAEAnomalyDetector", dict]:
-    """Load a detector from a local model dir or an MLflow URI; returns (detector, info).
-
-    info = {"uri", "name", "version", "run_id"} (None where not applicable). For URIs only the
-    pyfunc's MLmodel file and its native "model_dir" artifact (JSON + safetensors, hash-checked)
-    are downloaded, into a temporary directory removed after loading.
-    """
-    from mlflow.models import Model
-
-    from .detector import VAEAnomalyDetector
-
-    text = os.fspath(model)
-    if not re.match(r"^[a-z][a-z0-9+.-]*:/", text) or text.startswith("file:"):
-        path = Path(text[len("file://"):] if text.startswith("file://") else text)
-        if not path.exists():
-            raise ModelNotFoundError(f"{text}: no such model directory (or use runs:/<run_id>/model, "
-                                     "models:/<name>/<version>, models:/<name>@<alias>)")
-        det = VAEAnomalyDetector.load(path)
-        return det, {"uri": str(path), "name": None, "version": None, "run_id": None}
-    info = resolve_model_uri(text)
-    source = info.pop("source")
-    with tempfile.TemporaryDirectory(prefix="anomaly-vae-dl-") as tmp:
-        mlmodel = Model.load(_download(f"{source}/MLmodel", os.path.join(tmp, "meta")))
-        flavor = mlmodel.flavors.get("python_function", {})
-        art = (flavor.get("artifacts") or {}).get(MODEL_DIR_ARTIFACT)
-        if not art:
-            raise ModelNotFoundError(f"{text}: not an anomaly-vae model (its MLmodel has no "
-                                     f"'{MODEL_DIR_ARTIFACT}' artifact)")
-        rel = art["path"] if isinstance(art, dict) else str(art)
-        local = _download(f"{source}/{rel}", os.path.join(tmp, "model"))
-        det = VAEAnomalyDetector.load(local)
-    return det, info

@@ -1,0 +1,4 @@
+"""`python -m anomaly_vae.cli`."""
+from . import main
+
+main()

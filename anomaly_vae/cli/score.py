@@ -1,0 +1,120 @@
+"""`anomaly-vae score`, `encode` and `sample`: use a model on files."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import DataError
+from .state import State, _model_option, pass_state
+
+
+# ------------------------------------------------------------------ score
+@click.command(short_help="Score files in streamed batches to <name>.scored.parquet.")
+@_model_option
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Output directory: one <name>.scored.parquet per input, plus _manifest.json.")
+@click.option("--keep", type=click.Choice(["ids", "all"]), default="ids", show_default=True,
+              help="Pass through the model's id columns, or every input column.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=65536, show_default=True,
+              help="Rows per record batch (memory grows with it).")
+@click.option("--resume", is_flag=True, help="Skip inputs the manifest marks done (after an interrupted run).")
+@click.option("--keep-going", "-k", is_flag=True,
+              help="On an input with bad data, record it as failed and score the others; exit 2 at the end.")
+@pass_state
+def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: str, batch_size: int,
+          resume: bool, keep_going: bool) -> None:
+    """Score INPUTS (parquet/CSV files, directories searched recursively, or globs) in
+    streamed batches.
+
+    Output columns: the id columns (or all with --keep all) + anomaly_score, recon_nll, kl,
+    p_value, is_anomaly, top_features. Each output appears only when complete. A file named
+    directly goes to OUTPUT/<name>.scored.parquet; files found under a directory or glob keep
+    their sub-folders below it (incoming/dt=2026-01-01/part-0.parquet ->
+    OUTPUT/dt=2026-01-01/part-0.scored.parquet), the same path on every run. With --resume,
+    an output that the manifest gives to another input is never overwritten.
+
+    A bad input stops the run (finished outputs are kept); with --keep-going the other inputs
+    are scored first, and the exit code is still 2. Nightly jobs: --resume --keep-going.
+
+    An id column of the model missing from an input, or an input with no rows, is a warning
+    (on stderr unless -q, and in the file's _manifest.json entry), not an error: the file is still scored,
+    without that key column / into an empty output with the usual columns.
+
+    \b
+    Examples:
+      anomaly-vae score -m models:/payments@champion incoming/ -o scored/
+      anomaly-vae score -m models/demo data/transactions_holdout.parquet -o scored/demo --keep all
+      anomaly-vae -q score -m models:/payments/3 'landing/*.parquet' -o scored/ --resume
+    """
+    from .. import batch, io
+
+    pairs = io.expand_inputs_with_roots(inputs)
+    det, info = state.load_model(model)
+    t0 = time.perf_counter()
+    result = batch.score_files(det, [f for f, _ in pairs], output, model_info=info, keep=keep,
+                               batch_size=batch_size, resume=resume, progress=state.progress,
+                               keep_going=keep_going, roots=[r for _, r in pairs])
+    wall = time.perf_counter() - t0
+    s = result["summary"]
+    rate = s["rows"] / wall if wall > 0 else 0.0
+    label = info["uri"] if info.get("version") is None else f"{info['name']} v{info['version']} ({info['uri']})"
+    state.echo(f"model:   {label}")
+    state.echo(f"files:   {s['scored']} scored" + (f", {s['skipped']} skipped (done)" if s["skipped"] else "")
+               + (f", {s['failed']} failed" if s["failed"] else ""))
+    state.echo(f"rows:    {s['rows']:,} scored, {s['flagged']:,} flagged "
+               f"({100 * s['flagged'] / max(s['rows'], 1):.2f}%), {rate:,.0f} rows/s")
+    state.echo(f"output:  {output} (manifest {Path(output) / batch.MANIFEST})")
+    if s["failed"]:
+        raise DataError(f"{s['failed']} of {s['files']} input(s) failed (the others were scored; see "
+                        f"{Path(output) / batch.MANIFEST}); first: {s['failures'][0]}")
+
+
+# ------------------------------------------------------------------ sample / encode
+@click.command(short_help="Draw synthetic rows from a model.")
+@_model_option
+@click.option("-n", "--rows", "n", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Number of synthetic rows.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Output .parquet (or .csv) file.")
+@pass_state
+def sample(state: State, model: str, n: int, seed: int, output: str) -> None:
+    """Draw synthetic rows from the model (in the training schema; datetimes as hour of day).
+
+    \b
+    Example:
+      anomaly-vae sample -m models/demo -n 1000 -o synthetic.parquet
+    """
+    from .. import io
+
+    det, _ = state.load_model(model)
+    rows = io.write_frame(det.sample(n, seed=seed), output)
+    state.echo(f"wrote {rows:,} synthetic rows to {output}")
+
+
+@click.command(short_help="Latent means (z0..zK) of every row, with id columns.")
+@_model_option
+@click.argument("data", nargs=-1, required=True)
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Output .parquet file.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=65536, show_default=True)
+@pass_state
+def encode(state: State, model: str, data: tuple[str, ...], output: str, batch_size: int) -> None:
+    """Write latent means z0..zK (plus id columns) for every row of DATA.
+
+    \b
+    Example:
+      anomaly-vae encode -m models:/payments@champion data/transactions.parquet -o latents.parquet
+    """
+    from tqdm.auto import tqdm
+
+    from .. import batch, io
+
+    paths = io.expand_inputs(data)
+    det, _ = state.load_model(model)
+    total = sum(io.count_rows(p) or 0 for p in paths) or None
+    with tqdm(total=total, unit="row", unit_scale=True, desc="encode", disable=not state.progress, leave=False) as bar:
+        rows = batch.encode_files(det, paths, output, batch_size=batch_size, progress=bar.update)
+    state.echo(f"wrote {rows:,} rows x {det.config_.latent_dim} latent dims to {output}")
