@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 CATEGORIES = {  # name: (median amount, log-sd, weight, channel probs pos/online/atm, hour profile)
     "grocery":       (45.0, 0.6, 0.22, (0.92, 0.08, 0.0), "day"),
@@ -124,6 +125,109 @@ def make_transactions(n_rows: int = 100_000, fraud_rate: float = 0.015, seed: in
 
 
 DEMO_EXCLUDE = ("customer_id", "fraud_type")   # high-cardinality key and the answer key
+
+
+# ---------------------------------------------------------------- wide table (throughput benchmark)
+# Named columns of the 20-column layout; wider tables add generic num_*/cat_*/flag_* columns.
+WIDE_NUMERIC = ("amount", "customer_age", "account_tenure_days", "balance", "txn_count_24h",
+                "distance_km", "merchant_risk", "device_score", "session_seconds", "items")
+WIDE_CATEGORICAL = {"channel": 3, "device_type": 6, "currency": 12, "merchant_category": 20,
+                    "country": 28, "city": 60}          # name: number of distinct values
+WIDE_BOOLEAN = ("card_present", "is_international")
+_WIDE_SEGMENTS = 8          # latent customer segments that tie the columns together
+_WIDE_STRUCTURE_SEED = 20260101   # fixed: every seed draws rows from the same distribution
+
+
+def wide_layout(width: int) -> tuple[int, int, int]:
+    """(numeric, categorical, boolean) column counts of a `width`-column wide table: one id and
+    one timestamp, then the other width - 2 columns split 10 : 6 : 2 (width 20 gives 10, 6, 2)."""
+    if width < 3:
+        raise ValueError(f"width must be >= 3 (id, timestamp and one feature), got {width}")
+    rest = width - 2
+    n_bool = int(round(rest * 2 / 18))
+    n_cat = int(round(rest * 6 / 18))
+    return rest - n_cat - n_bool, n_cat, n_bool
+
+
+def make_wide_transactions(n_rows: int, width: int = 20, seed: int = 0,
+                           start: str = "2026-01-01", days: int = 30) -> pd.DataFrame:
+    """A wide mixed-type transaction table of `n_rows` rows and `width` columns (no label).
+
+    Width 20: transaction_id (unique string), timestamp, 10 numeric columns (lognormal
+    `amount`, `customer_age` with 3% missing, counts, rates, durations), 6 string categoricals
+    with 3, 6, 12, 20, 28 and 60 values, 2 booleans; other widths keep the 10 : 6 : 2 split
+    (`wide_layout`). Rows depend on a latent customer segment, so columns are related (amount,
+    categories and hours shift with the segment). The distribution is the same for every seed;
+    `seed` draws the rows (and prefixes the ids), so chunks generated with seeds 0, 1, ... form
+    one larger table. Vectorised (a few seconds per million rows).
+    """
+    n_num, n_cat, n_bool = wide_layout(width)
+    rng = np.random.default_rng(seed)
+    struct = np.random.default_rng(_WIDE_STRUCTURE_SEED)
+    seg = rng.choice(_WIDE_SEGMENTS, n_rows, p=np.arange(1, _WIDE_SEGMENTS + 1)[::-1] / 36.0)
+    seg_level = struct.normal(0.0, 1.0, (_WIDE_SEGMENTS, max(n_num, 1)))
+    cols: dict[str, object] = {"transaction_id": _wide_ids(n_rows, seed)}
+    hour = (struct.uniform(8, 20, _WIDE_SEGMENTS)[seg] + rng.normal(0, 3.0, n_rows)) % 24
+    day = rng.integers(0, days, n_rows)
+    cols["timestamp"] = (pd.Timestamp(start) + pd.to_timedelta(day * 86400 + np.round(hour * 3600), unit="s")).values
+    noise = rng.standard_normal((n_rows, max(n_num, 1)))
+    for j in range(n_num):
+        lvl, e = seg_level[seg, j], noise[:, j]
+        name = WIDE_NUMERIC[j] if j < len(WIDE_NUMERIC) else f"num_{j:02d}"
+        cols[name] = _wide_numeric(j, lvl, e, rng)
+    sizes = list(WIDE_CATEGORICAL.values())
+    names = list(WIDE_CATEGORICAL)
+    codes_0 = None
+    for j in range(n_cat):
+        k = sizes[j] if j < len(sizes) else 3 + (j * 17) % 58
+        name = names[j] if j < len(names) else f"cat_{j:02d}"
+        weights = 1.0 / np.arange(1, k + 1) ** 0.8
+        shift = struct.integers(0, k, _WIDE_SEGMENTS)          # segment-specific favourites
+        codes = (rng.choice(k, n_rows, p=weights / weights.sum()) + shift[seg]) % k
+        codes_0 = codes if codes_0 is None else codes_0
+        values = pa.array([f"{name[:3]}_{v:02d}" for v in range(k)], type=pa.string())
+        cols[name] = pd.Series(pd.arrays.ArrowStringArray(
+            pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), values).cast(pa.string())),
+            dtype="string")
+    for j in range(n_bool):
+        name = WIDE_BOOLEAN[j] if j < len(WIDE_BOOLEAN) else f"flag_{j:02d}"
+        if j == 0 and codes_0 is not None:     # card present follows the first categorical (channel)
+            p = np.where(codes_0 == 1, 0.02, 0.95)
+        else:
+            p = 0.03 + 0.25 * (seg == _WIDE_SEGMENTS - 1) + 0.02 * j
+        cols[name] = rng.random(n_rows) < p
+    return pd.DataFrame(cols)
+
+
+def _wide_numeric(j: int, level: np.ndarray, e: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The j-th numeric column from its segment level and standard-normal noise (n,)."""
+    kind = j % 10
+    if kind == 0:                                  # amount: lognormal, segment sets its scale
+        return np.round(np.exp(3.5 + 0.6 * level + 0.8 * e), 2)
+    if kind == 1:                                  # age: 3% missing
+        age = np.clip(np.round(45 + 8 * level + 12 * e), 18, 95)
+        age[rng.random(len(e)) < 0.03] = np.nan
+        return age
+    if kind in (2, 8):                             # durations: lognormal, longer tails
+        return np.round(np.exp(5.0 + 0.5 * level + 1.0 * e), 1)
+    if kind == 3:                                  # balance: related to the amount's level
+        return np.round(np.exp(7.0 + 0.8 * level + 0.7 * e), 2)
+    if kind in (4, 9):                             # counts
+        return rng.poisson(np.exp(0.5 + 0.4 * level + 0.3 * e)).astype(np.int64)
+    if kind == 5:                                  # distance: gamma-like, skewed
+        return np.round(np.exp(1.5 + 0.7 * level + 1.1 * e), 2)
+    if kind == 6:                                  # a rate in (0, 1)
+        return np.round(1.0 / (1.0 + np.exp(-(level + 0.8 * e))), 4)
+    return np.round(level + e, 4)                  # scores: Gaussian around the segment level
+
+
+def _wide_ids(n_rows: int, seed: int) -> pd.Series:
+    """Unique string ids 'w<seed>-<row>' built with Arrow kernels (no per-row Python)."""
+    import pyarrow.compute as pc
+
+    num = pc.utf8_lpad(pa.array(np.arange(n_rows, dtype=np.int64)).cast(pa.string()), 10, padding="0")
+    ids = pc.binary_join_element_wise(pa.scalar(f"w{seed:03d}"), num, "-")
+    return pd.Series(pd.arrays.ArrowStringArray(ids), dtype="string")
 
 
 if __name__ == "__main__":  # python -m anomaly_vae.demo [n_rows] [path]
