@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +23,20 @@ def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tor
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Per-dim KL(N(mu, exp(logvar)) || N(0, 1)). Shapes (n, k) -> (n, k)."""
     return 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar)
+
+
+class DecoderParams(NamedTuple):
+    """Decoder likelihood parameters at z = mu for a block of rows (numpy, float32).
+
+    mean, logvar: (n, n_num) Gaussian of each numeric/datetime dim, standardised units;
+    ind_logit: (n, n_ind) Bernoulli logit of each missing indicator (1 = missing);
+    cat_logit: (n, n_cat_dims) logits of the one-hot blocks, concatenated in `cat_spans` order.
+    """
+
+    mean: np.ndarray
+    logvar: np.ndarray
+    ind_logit: np.ndarray
+    cat_logit: np.ndarray
 
 
 def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -146,17 +161,28 @@ class VAE(nn.Module):
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score_terms(self, X: np.ndarray, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-        """Deterministic terms: per-dim NLL at z = mu (n, n_dims) and KL per row (n,)."""
+    def score_terms(self, X: np.ndarray, batch_size: int = 8192, return_params: bool = False):
+        """Deterministic terms: per-dim NLL at z = mu (n, n_dims) and KL per row (n,).
+
+        With return_params=True also the decoder parameters at z = mu (`DecoderParams`), from
+        the same pass (expected values are read from them): (nll, kl, params).
+        """
         self.eval()
         nll_out = np.empty((len(X), self.n_dims), dtype=np.float32)
         kl_out = np.empty(len(X), dtype=np.float32)
+        widths = [self._splits[0], self._splits[1], self._splits[2], self._splits[3]]
+        params_out = DecoderParams(*(np.empty((len(X), w), dtype=np.float32) for w in widths)) \
+            if return_params else None
         for i in range(0, len(X), batch_size):
             x = torch.from_numpy(X[i:i + batch_size])
-            nll, kl, _, _ = self(x, sample=False)
-            nll_out[i:i + len(x)] = nll.numpy()
-            kl_out[i:i + len(x)] = kl.sum(1).numpy()
-        return nll_out, kl_out
+            mu, logvar = self.encode(x)
+            params = self.decode(mu)
+            nll_out[i:i + len(x)] = self.dim_nll(x, params).numpy()
+            kl_out[i:i + len(x)] = kl_divergence(mu, logvar).sum(1).numpy()
+            if params_out is not None:
+                for out, p in zip(params_out, params):
+                    out[i:i + len(x)] = p.numpy()
+        return (nll_out, kl_out) if params_out is None else (nll_out, kl_out, params_out)
 
     @torch.no_grad()
     def iwae_nll(self, X: np.ndarray, n_samples: int = 16, batch_size: int = 2048,

@@ -84,3 +84,21 @@ def test_kl_occlusion_is_the_kl_drop_when_one_column_takes_its_typical_value():
     assert got[:, 2:].max() < 1e-4             # columns already typical cause no KL (float32 noise)
     assert got[:, 0].max() > 0.1               # an extreme value does (even untrained)
     assert (vae.kl_occlusion(typical[None, :], columns, typical) == 0).all()
+
+
+def test_score_terms_returns_the_decoder_params_of_the_same_pass():
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    rng = np.random.default_rng(0)
+    X = np.zeros((30, 7), dtype=np.float32)
+    X[:, :3] = rng.normal(size=(30, 3))
+    X[np.arange(30), 4 + rng.integers(0, 3, 30)] = 1
+    nll, kl = vae.score_terms(X, batch_size=7)
+    nll2, kl2, params = vae.score_terms(X, batch_size=7, return_params=True)
+    np.testing.assert_array_equal(nll, nll2)
+    np.testing.assert_array_equal(kl, kl2)
+    with torch.no_grad():
+        want = vae.decode(vae.encode(torch.from_numpy(X))[0])
+    assert [p.shape for p in params] == [(30, 3), (30, 3), (30, 1), (30, 3)]
+    for got, w in zip(params, want):
+        np.testing.assert_allclose(got, w.numpy(), rtol=1e-5, atol=1e-6)
