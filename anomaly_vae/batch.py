@@ -105,6 +105,34 @@ def _arrow_type(dtype: str) -> pa.DataType:
         return pa.string()
 
 
+def output_schema(input_schema: pa.Schema, passthrough: Sequence[str] = ()) -> pa.Schema:
+    """Schema of `score_batch` output: the pass-through fields of `input_schema`, then SCORE_FIELDS."""
+    return pa.schema([input_schema.field(c) for c in passthrough] + list(SCORE_FIELDS))
+
+
+def score_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch, passthrough: Sequence[str] = (), *,
+                schema: pa.Schema | None = None) -> pa.RecordBatch:
+    """Score one Arrow record batch: the `passthrough` columns (unchanged) + SCORE_FIELDS.
+
+    A pure function of the model and the batch (the same rows give the same output whatever
+    batch they arrive in), so one code path serves the CLI's streaming loop, pyfunc serving and
+    Spark `mapInArrow` on executors. `batch` holds at least the model's feature columns (extra
+    columns are ignored). `schema` (default `output_schema(batch.schema, passthrough)`) fixes
+    the output types; pass-through columns are cast to it. Bad values raise an AnomalyVAEError
+    naming the column. (n rows) -> (n rows).
+    """
+    schema = schema if schema is not None else output_schema(batch.schema, passthrough)
+    features = [c.name for c in det.schema_.features]
+    missing = [c for c in features if c not in batch.schema.names]
+    if missing:
+        raise SchemaMismatchError(f"input: missing required column(s) {missing}; the model was "
+                                  f"trained on {features}")
+    table = det.score_table(det.score_terms(batch.select(features).to_pandas()))
+    arrays = [_conform(batch.column(c), schema.field(c).type) for c in passthrough]
+    arrays += [pa.array(table[f.name], type=f.type, from_pandas=True) for f in SCORE_FIELDS]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
 def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.PathLike, *,
                keep: str = "ids", batch_size: int = 65536,
                progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
@@ -132,7 +160,7 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
                           if c.name in in_schema.names and c.name not in csv_types
                           and pa.types.is_null(in_schema.field(c.name).type)})
         in_schema = pa.schema([pa.field(f.name, csv_types.get(f.name, f.type)) for f in in_schema])
-    out_schema = pa.schema([in_schema.field(c) for c in passthrough] + list(SCORE_FIELDS))
+    out_schema = output_schema(in_schema, passthrough)
     counts = {"rows": 0, "flagged": 0}
     nulls = dict.fromkeys(features, 0)
 
@@ -143,20 +171,17 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
                 continue
             start = counts["rows"]
             try:
-                terms = det.score_terms(batch.select(features).to_pandas())
-                table = det.score_table(terms)
+                scored = score_batch(det, batch, passthrough, schema=out_schema)
             except AnomalyVAEError as exc:
                 msg = str(exc).removeprefix("input: ")
                 raise type(exc)(f"{src} (rows {start:,}-{start + n - 1:,}): {msg}") from exc
-            arrays = [_conform(batch.column(c), out_schema.field(c).type) for c in passthrough]
-            arrays += [pa.array(table[f.name], type=f.type, from_pandas=True) for f in SCORE_FIELDS]
             counts["rows"] += n
-            counts["flagged"] += int(np.count_nonzero(table["is_anomaly"].to_numpy()))
+            counts["flagged"] += scored.column("is_anomaly").true_count
             for c in features:
                 nulls[c] += batch.column(c).null_count
             if progress is not None:
                 progress(n)
-            yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
+            yield scored
 
     rows_out = write_stream(dst, out_schema, batches())
     seconds = time.perf_counter() - t0

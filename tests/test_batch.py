@@ -302,3 +302,23 @@ def test_csv_bad_value_names_file_and_column(tmp_path, fitted, scored_rows):
         batch.score_file(fitted, tmp_path / "bad.csv", tmp_path / "o" / "bad.parquet", batch_size=50)
     assert "bad.csv" in str(err.value) and "'x'" in str(err.value)
     assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+
+
+def test_score_batch_is_a_pure_function_of_the_rows(fitted, scored_rows):
+    """score_batch (the unit the CLI loop, pyfunc and Spark share) matches explain(), keeps the
+    pass-through columns, ignores extra columns, and does not depend on how rows are batched."""
+    rb = pa.RecordBatch.from_pandas(scored_rows.assign(extra=1.0), preserve_index=False)
+    ids = [c for c in fitted.schema_.ids if c in scored_rows.columns][:1] or ["extra"]
+    out = batch.score_batch(fitted, rb, ids)
+    assert out.schema == batch.output_schema(rb.schema, ids)
+    assert out.schema.names == ids + SCORE_COLS and out.num_rows == len(scored_rows)
+    assert out.column(0).equals(rb.column(ids[0]))
+    _assert_matches_explain(fitted, out.to_pandas(), scored_rows)
+    halves = pa.Table.from_batches([batch.score_batch(fitted, rb.slice(0, 300), ids),
+                                    batch.score_batch(fitted, rb.slice(300), ids)])
+    for c in ("anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly"):
+        np.testing.assert_allclose(halves.column(c).to_numpy(zero_copy_only=False).astype(float),
+                                   out.column(c).to_numpy(zero_copy_only=False).astype(float),
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(SchemaMismatchError, match="missing required column"):
+        batch.score_batch(fitted, rb.drop_columns([fitted.schema_.features[0].name]))
