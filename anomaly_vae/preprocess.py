@@ -10,6 +10,7 @@ Every fitted parameter is a JSON number/list/string: no pickle anywhere.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ UNK, NULL = "<unk>", "<null>"
 # flags every later day as unseen (measured on the demo: 98% false alarms on a time split).
 DATETIME_PARTS = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
 _CLIP = 50.0   # standardised values are clipped to +-_CLIP so one wild value cannot overflow
+_ABSURD = 1e6  # a training value this many robust scales (IQR / 1.349) from the median is left out
+               # of the fitted mean/std, with a warning: it is a sentinel or a unit error, not data
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,31 +81,53 @@ class Preprocessor:
             raise DataError(f"column '{name}': no finite values to fit on")
         v = x[ok]
         median = float(np.median(v))
-        q1, q3 = np.percentile(v, [25, 75])
-        scale = float((q3 - q1) / 1.349) or float(v.std()) or 1.0
+        with np.errstate(over="ignore", invalid="ignore"):
+            q1, q3 = np.percentile(v, [25, 75])
+            scale = float((q3 - q1) / 1.349)
+            if not np.isfinite(scale):             # quartiles near +-1.8e308: halve before subtracting
+                scale = float((q3 / 2 - q1 / 2) / (1.349 / 2))
+            scale = scale or _moments(v)[1] or 1.0
+            dist = np.abs(v - median) / scale
+        absurd = ~(dist <= _ABSURD)                # also catches inf/nan from an overflowing difference
+        if absurd.all():
+            absurd[:] = False
+        if absurd.any():
+            log.warning("column '%s': %d training value(s) lie more than %.0e robust scales from the "
+                        "median (e.g. %r); they are left out of the standardisation (otherwise one such "
+                        "value would make the column irrelevant to every score) and count as extreme "
+                        "values; check the data", name, int(absurd.sum()), _ABSURD,
+                        float(v[absurd][np.argmax(np.abs(v[absurd]))]))
+        fit_v = v[~absurd]
         p: dict[str, Any] = {"kind": "numeric", "transform": self.numeric_transform,
                              "median": median, "center": median, "scale": scale,
-                             "min": float(v.min()), "max": float(v.max()),
+                             "min": float(fit_v.min()), "max": float(fit_v.max()),
                              "has_missing": bool((~ok).any()),
                              "missing_rate": _smoothed_rate(int((~ok).sum()), len(x)), "indicator": True}
         if self.numeric_transform == "yeo-johnson":
             pt = PowerTransformer(method="yeo-johnson", standardize=False)
             with np.errstate(all="ignore"):
-                pt.fit(((v - median) / scale).reshape(-1, 1))
+                pt.fit(((fit_v - median) / scale).reshape(-1, 1))
             lam = float(pt.lambdas_[0])
             # lambda outside [0, 2] makes one tail bounded (x -> inf maps to a finite value), which
             # would hide exactly the extreme values we are looking for; clip to keep both unbounded.
             p["lambda"] = float(np.clip(lam, 0.0, 2.0)) if np.isfinite(lam) else 1.0
         elif self.numeric_transform == "quantile":
-            qt = QuantileTransformer(n_quantiles=int(min(1000, len(v))), output_distribution="normal",
-                                     subsample=100_000, random_state=0).fit(v.reshape(-1, 1))
+            qt = QuantileTransformer(n_quantiles=int(min(1000, len(fit_v))), output_distribution="normal",
+                                     subsample=100_000, random_state=0).fit(fit_v.reshape(-1, 1))
             p["quantiles"] = qt.quantiles_[:, 0].tolist()
             p["references"] = qt.references_.tolist()
-        t = _transform(v, p)
+        t = _transform(fit_v, p)
         if self.numeric_transform == "robust":     # median / IQR scale is the standardisation
             p["mean"], p["std"] = 0.0, 1.0
         else:
-            p["mean"], p["std"] = float(t.mean()), float(t.std()) or 1.0
+            with np.errstate(over="ignore", invalid="ignore"):
+                mean, std = float(t.mean()), float(t.std())
+            if not (np.isfinite(mean) and np.isfinite(std)):     # squares overflow past ~1e154
+                mean, std = _moments(t)
+            p["mean"], p["std"] = mean, std or 1.0
+        if not all(np.isfinite(p[k]) for k in ("median", "scale", "mean", "std")):
+            raise DataError(f"column '{name}': cannot standardise the training values (range "
+                            f"{p['min']:.3g} to {p['max']:.3g} overflows); rescale the column or exclude it")
         return p
 
     def _fit_categorical(self, kind: str, s: pd.Series) -> dict[str, Any]:
@@ -308,6 +334,18 @@ def _datetime_parts(s: pd.Series) -> np.ndarray:
     parts = np.empty((len(s), 4), dtype=np.float64)
     parts[:, 0::2], parts[:, 1::2] = np.sin(ang), np.cos(ang)
     return np.nan_to_num(parts, nan=0.0)
+
+
+def _moments(v: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of finite values without overflow: computed on v / max|v|
+    (a plain v.std() squares the values, so anything above ~1e154 gives inf). (n,) -> 2 floats"""
+    if len(v) == 0:
+        return 0.0, 0.0
+    top = float(np.max(np.abs(v)))
+    if top == 0.0 or not np.isfinite(top):
+        return float(np.mean(v)) if np.isfinite(top) else float("nan"), 0.0
+    u = v / top
+    return float(np.mean(u) * top), float(np.std(u) * top)
 
 
 def _smoothed_rate(k: int, n: int) -> float:

@@ -76,3 +76,35 @@ def test_extreme_values_stay_finite(frame, fitted_pre):
     df = frame.head(3).assign(amount=[1e300, -1e300, np.inf])
     X = pre.encode(schema.validate(df))
     assert np.isfinite(X).all()
+
+
+@pytest.mark.parametrize("transform", ["standard", "yeo-johnson", "quantile", "signed-log"])
+@pytest.mark.parametrize("huge", [1e308, 1.7e308, -1.7e308])
+def test_one_absurd_training_value_neither_overflows_nor_disables_the_column(frame, transform, huge, caplog):
+    schema = infer_schema(frame)
+    bad = frame.copy()
+    bad.loc[3, "amount"] = huge
+    with caplog.at_level("WARNING", logger="anomaly_vae.preprocess"):
+        pre = Preprocessor(transform).fit(schema.validate(bad), schema)
+    p = pre.params["amount"]
+    assert all(np.isfinite(p[k]) for k in ("median", "scale", "mean", "std", "min", "max"))
+    json.loads(json.dumps(p, allow_nan=False))                  # no Infinity in preprocess.json
+    assert "column 'amount': 1 training value(s)" in caplog.text and "check the data" in caplog.text
+    clean = Preprocessor(transform).fit(schema.validate(frame), schema).params["amount"]
+    assert p["std"] == pytest.approx(clean["std"], rel=0.05)     # the other rows set the scale
+    X = pre.encode(schema.validate(frame))
+    col = pre.spans[[s.column for s in pre.spans].index("amount")].start
+    assert 0.5 < X[:, col].std() < 2                             # the column still varies
+    assert abs(pre.encode(schema.validate(bad))[3, col]) > 10       # the absurd row is extreme
+
+
+def test_huge_but_consistent_values_are_standardised_without_overflow(frame):
+    schema = infer_schema(frame)
+    big = frame.copy()
+    big["amount"] = big["amount"] * 1e300                       # squares overflow; moments must not
+    pre = Preprocessor().fit(schema.validate(big), schema)
+    p = pre.params["amount"]
+    assert np.isfinite(p["std"]) and p["std"] > 1e300
+    X = pre.encode(schema.validate(big))
+    col = pre.spans[[s.column for s in pre.spans].index("amount")].start
+    assert abs(X[:, col].std() - 1) < 0.05
