@@ -12,15 +12,15 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from .errors import AnomalyVAEError, DataError, SchemaMismatchError
+from . import io
 from .io import (MANIFEST, _is_csv, _one_line, count_rows, input_schema, iter_batches,
-                 remove_stale_temps, temp_path, write_stream)
+                 remove_stale_temps, write_stream)
 
 if TYPE_CHECKING:
     from .detector import VAEAnomalyDetector
@@ -38,25 +38,24 @@ SCORE_FIELDS = (
 SCORE_COLUMNS = tuple(f.name for f in SCORE_FIELDS)
 MANIFEST_FORMAT = "anomaly-vae-scores"
 OUTPUT_SUFFIX = ".scored.parquet"
+SUCCESS = "_SUCCESS"            # written last, when every input of a run is scored
 
 
 # ------------------------------------------------------------------ scoring
-def output_path(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """DIR/<stem>.scored.parquet for an input file."""
-    return Path(out_dir) / f"{Path(src).stem}{OUTPUT_SUFFIX}"
+def output_path(src: str | os.PathLike, out_dir: str | os.PathLike) -> io.Location:
+    """DIR/<stem>.scored.parquet for an input file (local path or URI)."""
+    return io.join(out_dir, f"{os.path.splitext(io.basename(src))[0]}{OUTPUT_SUFFIX}")
 
 
 def output_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                 roots: Sequence[str | os.PathLike] | None = None) -> list[Path]:
+                 roots: Sequence[str | os.PathLike] | None = None) -> list[io.Location]:
     """The output file of each input: DIR/<path below its root>/<stem>.scored.parquet, where
     the root is the directory or glob prefix the input was found under (`io.expand_inputs_with_roots`;
     default: the input's own folder, i.e. flat names). So `score incoming/` writes
     incoming/dt=2026-01-01/part-0.parquet to DIR/dt=2026-01-01/part-0.scored.parquet on every
     night, whichever other files are present. DataError when two inputs map to one output."""
-    roots = roots if roots is not None else [Path(p).parent for p in inputs]
-    targets = [Path(os.path.normpath(Path(out_dir) / os.path.relpath(os.path.abspath(Path(p).parent),
-                                                                      os.path.abspath(r))
-                                     / output_path(p, out_dir).name))
+    roots = roots if roots is not None else [io.parent(p) for p in inputs]
+    targets = [io.join(out_dir, io.relative_dir(io.parent(p), r), io.basename(output_path(p, out_dir)))
                for p, r in zip(inputs, roots)]
     dupes = sorted({str(t) for t in targets if targets.count(t) > 1})
     if dupes:
@@ -67,7 +66,7 @@ def output_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     return targets
 
 
-def _plan_columns(det: "VAEAnomalyDetector", src: Path, keep: str
+def _plan_columns(det: "VAEAnomalyDetector", src: io.Location, keep: str
                   ) -> tuple[pa.Schema, list[str], list[str], list[str]]:
     """Check the input's columns against the model; return (input schema, columns to read,
     pass-through columns, warnings). A model id column missing from the input is a warning
@@ -145,8 +144,8 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
     An input with no rows gives an empty output with the same columns and types, and a warning.
     Returns stats: input, output, rows_in, rows_out, flagged, seconds, status, warnings.
     """
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
+    src, dst = io.location(src), io.location(dst)
+    if io.canonical(src) == io.canonical(dst):
         raise DataError(f"{src}: output path is the input file")
     t0 = time.perf_counter()
     in_schema, read_cols, passthrough, warnings = _plan_columns(det, src, keep)
@@ -186,7 +185,7 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
     rows_out = write_stream(dst, out_schema, batches())
     seconds = time.perf_counter() - t0
     if rows_out == 0:
-        warnings.append(f"{src}: no rows; wrote an empty {dst.name}")
+        warnings.append(f"{src}: no rows; wrote an empty {io.basename(dst)}")
         log.warning("%s", warnings[-1])
     empty = [c for c, k in nulls.items() if rows_out and k == counts["rows"]]
     if empty:   # usually a broken upstream export, not a wave of anomalies
@@ -204,12 +203,12 @@ def _conform(arr: pa.Array | pa.ChunkedArray, typ: pa.DataType) -> pa.Array:
     return arr if arr.type == typ else arr.cast(typ)
 
 
-def encode_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], dst: str | os.PathLike, *,
+def encode_files(det: "VAEAnomalyDetector", inputs: Sequence[io.Location], dst: str | os.PathLike, *,
                  batch_size: int = 65536, progress: Callable[[int], Any] | None = None) -> int:
     """Latent means z0..z{k-1} (plus the model's id columns) of every input row into one parquet
     file, streamed in record batches and written atomically. Returns the number of rows."""
     features = [c.name for c in det.schema_.features]
-    plans = [_plan_columns(det, Path(p), "ids") for p in inputs]
+    plans = [_plan_columns(det, io.location(p), "ids") for p in inputs]
     first_schema, _, ids, _ = plans[0]
     k = int(det.config_.latent_dim)
     out_schema = pa.schema([first_schema.field(c) for c in ids]
@@ -241,11 +240,11 @@ def encode_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], dst: str | o
 # ------------------------------------------------------------------ manifest
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The manifest of a previous run in `out_dir`, or None. DataError if it is unreadable."""
-    path = Path(out_dir) / MANIFEST
-    if not path.exists():
+    path = io.join(out_dir, MANIFEST)
+    if not io.is_file(path):
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(io.read_bytes(path))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable manifest ({_one_line(exc)}); delete it or drop --resume") from exc
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
@@ -253,48 +252,37 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     return data
 
 
-def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
-    """Write `_manifest.json` atomically (temp file, fsync, rename)."""
-    path = Path(out_dir) / MANIFEST
+def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> io.Location:
+    """Write `_manifest.json` atomically (temp file, fsync, rename; on object stores a
+    temporary key copied into place)."""
     manifest["updated"] = _now()
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return io.write_bytes(io.join(out_dir, MANIFEST), json.dumps(manifest, indent=1, default=str).encode())
 
 
-def _input_key(src: Path) -> str:
-    return str(src.resolve())
+def _input_key(src: io.Location) -> str:
+    return io.canonical(src)
 
 
-def _fingerprint(src: Path) -> dict[str, Any]:
-    st = src.stat()
-    return {"size": st.st_size, "mtime": st.st_mtime}
+def _fingerprint(src: io.Location) -> dict[str, Any]:
+    return io.fingerprint(src)
 
 
-def is_done(entry: dict[str, Any] | None, src: Path) -> bool:
+def is_done(entry: dict[str, Any] | None, src: io.Location) -> bool:
     """A manifest entry marks `src` finished: status done, output present with the recorded
     row count, and the input unchanged since (size and mtime)."""
     if not entry or entry.get("status") != "done":
         return False
-    out = Path(entry.get("output", ""))
-    if not out.is_file() or count_rows(out) != entry.get("rows_out"):
+    out = entry.get("output") or ""
+    if not out or not io.is_file(out) or count_rows(out) != entry.get("rows_out"):
         return False
     fp = _fingerprint(src)
     return entry.get("input_size") == fp["size"] and entry.get("input_mtime") == fp["mtime"]
 
 
-def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str | os.PathLike, *,
+def score_files(det: "VAEAnomalyDetector", inputs: Sequence[io.Location], out_dir: str | os.PathLike, *,
                 model_info: dict[str, Any] | None = None, keep: str = "ids", batch_size: int = 65536,
                 resume: bool = False, progress: bool = False, keep_going: bool = False,
-                roots: Sequence[Path] | None = None) -> dict[str, Any]:
+                roots: Sequence[io.Location] | None = None) -> dict[str, Any]:
     """Score every input to OUT/<path below its root>/<stem>.scored.parquet (`output_paths`;
     roots default to each input's folder), keeping `_manifest.json` up to date; warnings go to
     each file's entry.
@@ -308,8 +296,8 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
     """
     from tqdm.auto import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = io.location(out_dir)
+    io.makedirs(out_dir)
     stale = remove_stale_temps(out_dir)
     if stale:
         log.info("removed %d stale temporary file(s) from an interrupted run", len(stale))
@@ -319,7 +307,7 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
     if previous is not None:
         before = previous.get("model") or {}
         if (before.get("uri"), before.get("version")) != (model["uri"], model["version"]):
-            raise DataError(f"{out_dir / MANIFEST}: written by model {before.get('uri')} (version "
+            raise DataError(f"{io.join(out_dir, MANIFEST)}: written by model {before.get('uri')} (version "
                             f"{before.get('version')}), not {model['uri']} (version {model['version']}); "
                             "use another --output directory or drop --resume")
     owner = {e.get("output"): key for key, e in (previous or {}).get("files", {}).items()
@@ -327,7 +315,7 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
     for src, dst in zip(inputs, targets):     # refuse before writing anything
         other = owner.get(str(dst))
         if other is not None and other != _input_key(src):
-            raise DataError(f"{dst}: already holds the scores of {other} ({out_dir / MANIFEST}); scoring "
+            raise DataError(f"{dst}: already holds the scores of {other} ({io.join(out_dir, MANIFEST)}); scoring "
                             f"{src} there would overwrite them: use another --output directory")
     manifest = {
         "format": MANIFEST_FORMAT, "version": 1, "model": model,
@@ -337,6 +325,7 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
     }
     summary = {"files": len(inputs), "scored": 0, "skipped": 0, "failed": 0, "failures": [], "rows": 0,
                "flagged": 0, "seconds": 0.0}
+    io.delete(io.join(out_dir, SUCCESS))      # the folder is changing: not complete until the end
     write_manifest(out_dir, manifest)
     file_bar = tqdm(total=len(inputs), desc="files", unit="file", disable=not progress or len(inputs) < 2)
     try:
@@ -351,7 +340,7 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
                      "input_size": fp["size"], "input_mtime": fp["mtime"]}
             manifest["files"][key] = entry
             write_manifest(out_dir, manifest)
-            bar = tqdm(total=count_rows(src), desc=src.name, unit="row", unit_scale=True,
+            bar = tqdm(total=count_rows(src), desc=io.basename(src), unit="row", unit_scale=True,
                        leave=False, disable=not progress)
             try:
                 stats = score_file(det, src, dst, keep=keep, batch_size=batch_size, progress=bar.update)
@@ -378,6 +367,8 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[Path], out_dir: str 
             file_bar.update(1)
     finally:
         file_bar.close()
+    if not summary["failed"]:                 # published last: every output and the manifest are in place
+        io.write_bytes(io.join(out_dir, SUCCESS), b"")
     return {**manifest, "summary": summary}
 
 

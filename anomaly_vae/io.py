@@ -1,24 +1,36 @@
-"""Table I/O (pyarrow; no torch here): input discovery, whole-file reads, record-batch
-streams, and atomic writes.
+"""Table I/O (pyarrow; no torch here): filesystems, input discovery, whole-file reads,
+record-batch streams, and atomic writes.
+
+Every path may be a local path or a URI on any filesystem pyarrow supports (`s3://`, `gs://`,
+`hdfs://`, `file://`), resolved by `pyarrow.fs.FileSystem.from_uri` and listed with
+`pyarrow.fs.FileSelector`. A location is a `Path` for local files and a URI string otherwise.
 
 `write_stream` feeds record batches into one `pyarrow.parquet.ParquetWriter` whose schema is
-fixed before the first row, under a hidden temporary name renamed into place on success; on any
-error the temporary file is removed. Batch scoring on top of this lives in `batch.py`.
+fixed before the first row, under a hidden temporary name beside the target, moved into place
+on success; on any error the temporary file is removed. Locally the move is an atomic rename.
+On object stores (S3, GCS) the move is a server-side copy: the target key appears whole or not
+at all, never half-written, and `batch.score_files` publishes `_SUCCESS` only after every
+output. Batch scoring on top of this lives in `batch.py`.
 """
 from __future__ import annotations
 
 import csv
+import fnmatch
+import functools
 import glob
+import io as _stdio
 import logging
 import os
+import posixpath
 import re
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .errors import DataError
@@ -29,70 +41,249 @@ SUFFIXES = (".parquet", ".pq", ".csv")
 MANIFEST = "_manifest.json"             # written by batch.score_files; its folders are not inputs
 _TMP_MARK = ".tmp-"
 _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
+Location = Union[Path, str]             # a local Path, or a URI such as s3://bucket/key
+_OBJECT_STORES = ("s3", "gcs")          # pyarrow type names of filesystems without atomic rename
+
+
+# ------------------------------------------------------------------ filesystems
+def is_uri(path: str | os.PathLike) -> bool:
+    """True for a URI on a non-local filesystem (s3://, gs://, hdfs://, ...); file:// is local."""
+    scheme, sep, _ = os.fspath(path).partition("://")
+    return bool(sep) and scheme.isidentifier() and scheme.lower() != "file"
+
+
+def location(path: str | os.PathLike) -> Location:
+    """A local `Path` (file:// URIs included), or the URI string without a trailing slash."""
+    if isinstance(path, Path):
+        return path
+    raw = os.fspath(path)
+    if raw.lower().startswith("file://"):
+        return Path(pafs.FileSystem.from_uri(raw)[1])
+    if is_uri(raw):
+        scheme, _, rest = raw.partition("://")
+        return f"{scheme.lower()}://{rest.rstrip('/')}"
+    return Path(raw)
+
+
+@functools.lru_cache(maxsize=32)
+def _remote(authority: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path of the authority's root) for 'scheme://netloc', made once per process
+    (an S3 client resolves the bucket's region on creation). Credentials, region and endpoint
+    come from the filesystem's usual environment (AWS_* variables, ~/.aws, GOOGLE_*, ...)."""
+    try:
+        fs, root = pafs.FileSystem.from_uri(authority + "/")
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{authority}: cannot open this filesystem: {_one_line(exc)}") from exc
+    return fs, root.rstrip("/")
+
+
+def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path on it) for a local path or URI."""
+    loc = location(path)
+    if isinstance(loc, Path):
+        return pafs.LocalFileSystem(), os.path.abspath(loc)
+    scheme, _, rest = loc.partition("://")
+    netloc, _, key = rest.partition("/")
+    fs, root = _remote(f"{scheme}://{netloc}")
+    return fs, f"{root}/{key}" if key else (root or "/")
+
+
+def is_object_store(path: str | os.PathLike) -> bool:
+    """True where rename is not atomic (S3, GCS): outputs are published by copy, then _SUCCESS."""
+    return filesystem(path)[0].type_name in _OBJECT_STORES
+
+
+def join(base: str | os.PathLike, *parts: str) -> Location:
+    """`base`/part/... on base's filesystem ('.' and '..' parts are normalised)."""
+    loc = location(base)
+    if isinstance(loc, Path):
+        return Path(os.path.normpath(loc.joinpath(*parts)))
+    scheme, _, rest = loc.partition("://")
+    netloc, _, key = rest.partition("/")
+    key = posixpath.normpath(posixpath.join("/" + key, *parts)).lstrip("/")
+    return f"{scheme}://{netloc}/{key}" if key else f"{scheme}://{netloc}"
+
+
+def basename(path: str | os.PathLike) -> str:
+    return location(path).name if isinstance(location(path), Path) else posixpath.basename(str(path).rstrip("/"))
+
+
+def parent(path: str | os.PathLike) -> Location:
+    loc = location(path)
+    return loc.parent if isinstance(loc, Path) else join(loc, "..")
+
+
+def relative_dir(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """Posix path of folder `path` below `root` ('.' when equal); both on one filesystem."""
+    a, b = location(path), location(root)
+    if isinstance(a, Path) and isinstance(b, Path):
+        return Path(os.path.relpath(os.path.abspath(a), os.path.abspath(b))).as_posix()
+    return posixpath.relpath("/" + str(a).partition("://")[2], "/" + str(b).partition("://")[2])
+
+
+def canonical(path: str | os.PathLike) -> str:
+    """One string per file: the resolved local path, or the URI (manifest keys, equality)."""
+    loc = location(path)
+    return str(loc.resolve()) if isinstance(loc, Path) else loc
+
+
+def file_type(path: str | os.PathLike) -> pafs.FileType:
+    fs, p = filesystem(path)
+    try:
+        return fs.get_file_info(p).type
+    except _ARROW_ERRORS as exc:
+        raise DataError(f"{path}: cannot look it up: {_one_line(exc)}") from exc
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    return file_type(path) == pafs.FileType.File
+
+
+def fingerprint(path: str | os.PathLike) -> dict[str, float]:
+    """Size (bytes) and modification time (s since the epoch) of a file, for --resume."""
+    loc = location(path)
+    if isinstance(loc, Path):
+        st = loc.stat()
+        return {"size": st.st_size, "mtime": st.st_mtime}
+    fs, p = filesystem(loc)
+    info = fs.get_file_info(p)
+    if info.type != pafs.FileType.File:
+        raise DataError(f"{loc}: no such file")
+    return {"size": info.size, "mtime": (info.mtime_ns or 0) / 1e9}
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """Create a folder and its parents (object stores have no folders: nothing to do)."""
+    fs, p = filesystem(path)
+    if fs.type_name not in _OBJECT_STORES:
+        fs.create_dir(p, recursive=True)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def delete(path: str | os.PathLike) -> None:
+    """Delete a file if it exists."""
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        fs.delete_file(p)
 
 
 # ------------------------------------------------------------------ inputs
-def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Location]:
     """Files, directories (searched recursively for *.parquet / *.pq / *.csv) and globs -> file list.
 
-    Hidden files and names starting with '_' (manifests, temporaries) inside directories and
+    Each path may be local or a URI (s3://bucket/incoming/, gs://..., hdfs://...). Hidden
+    files and names starting with '_' (manifests, temporaries, _SUCCESS) inside directories and
     globs are skipped, and so are hidden / '_' subdirectories and subdirectories holding a
     scoring manifest (an output directory inside the input directory is not read back).
-    Raises DataError naming the path when something does not exist, or when nothing is left.
+    Hive partition folders (dt=2026-01-01/) are plain folders here: their files are found, the
+    partition value is not added as a column. Raises DataError naming the path when something
+    does not exist, or when nothing is left.
     """
     return [f for f, _ in expand_inputs_with_roots(paths)]
 
 
-def expand_inputs_with_roots(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
+def expand_inputs_with_roots(paths: Sequence[str | os.PathLike]) -> list[tuple[Location, Location]]:
     """`expand_inputs`, with the root of each file: the directory argument it was found under,
     the fixed leading folders of its glob, or its own folder when named directly. Scoring
     mirrors each file's path below its root, so outputs do not depend on which files are
     present on a given night."""
-    out: list[tuple[Path, Path]] = []
+    out: list[tuple[Location, Location]] = []
     for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
+        p = location(raw)
+        kind = file_type(p)
+        if kind == pafs.FileType.Directory:
             found = _walk(p)
             if not found:
                 raise DataError(f"{p}: directory has no {'/'.join(SUFFIXES)} files (searched recursively)")
             out.extend((f, p) for f in found)
-        elif p.is_file():
-            out.append((p, p.parent))
+        elif kind == pafs.FileType.File:
+            out.append((p, parent(p)))
         elif glob.has_magic(str(raw)):
-            found = sorted(Path(f) for f in glob.glob(str(raw), recursive=True)
-                           if Path(f).is_file() and _is_data_file(Path(f)))
+            fixed, found = _glob(p)
             if not found:
                 raise DataError(f"{raw}: pattern matches no {'/'.join(SUFFIXES)} files")
-            fixed = []
-            for part in p.parts:
-                if glob.has_magic(part):
-                    break
-                fixed.append(part)
-            out.extend((f, Path(*fixed) if fixed else Path(".")) for f in found)
+            out.extend((f, fixed) for f in found)
         else:
             raise DataError(f"{raw}: no such file or directory")
-    seen: set[Path] = set()
-    unique = [(f, r) for f, r in out if not (f.resolve() in seen or seen.add(f.resolve()))]
+    seen: set[str] = set()
+    unique = [(f, r) for f, r in out if not (canonical(f) in seen or seen.add(canonical(f)))]
     if not unique:
         raise DataError("no input files given")
     return unique
 
 
-def _walk(root: Path) -> list[Path]:
+def _listing(root: Location) -> list[str]:
+    """Posix paths (below `root`) of every file under `root`, listed by pyarrow.fs."""
+    fs, base = filesystem(root)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except _ARROW_ERRORS as exc:
+        raise DataError(f"{root}: cannot list: {_one_line(exc)}") from exc
+    base = base.rstrip("/")
+    return [posixpath.relpath(i.path, base) if base else i.path
+            for i in infos if i.type == pafs.FileType.File]
+
+
+def _walk(root: Location) -> list[Location]:
     """Data files under `root`, sorted by path; see `expand_inputs` for what is skipped."""
-    found = []
-    for d, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(s for s in subdirs if not s.startswith((".", "_"))
-                            and not (Path(d) / s / MANIFEST).is_file())
-        found += [Path(d) / f for f in files if _is_data_file(Path(d) / f) and (Path(d) / f).is_file()]
-    return sorted(found)
+    rels = _listing(root)
+    manifest_dirs = {posixpath.dirname(r) for r in rels if posixpath.basename(r) == MANIFEST}
+    manifest_dirs.discard("")                   # the root's own manifest does not hide the root
+
+    def keep(rel: str) -> bool:
+        folders = rel.split("/")[:-1]
+        if any(d.startswith((".", "_")) for d in folders):
+            return False
+        if any("/".join(folders[:k]) in manifest_dirs for k in range(1, len(folders) + 1)):
+            return False
+        return _is_data_file(rel)
+
+    return [join(root, r) for r in sorted((r for r in rels if keep(r)), key=lambda r: r.split("/"))]
 
 
-def _is_data_file(p: Path) -> bool:
-    return p.suffix.lower() in SUFFIXES and not p.name.startswith((".", "_"))
+def _glob(pattern: Location) -> tuple[Location, list[Location]]:
+    """(fixed leading folders, matching data files) of a glob; '**' spans folders."""
+    if isinstance(pattern, Path):
+        found = sorted(Path(f) for f in glob.glob(str(pattern), recursive=True)
+                       if Path(f).is_file() and _is_data_file(f))
+        fixed = []
+        for part in pattern.parts:
+            if glob.has_magic(part):
+                break
+            fixed.append(part)
+        return (Path(*fixed) if fixed else Path(".")), found
+    scheme, _, rest = pattern.partition("://")
+    parts = rest.split("/")
+    k = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    if k == 0:
+        raise DataError(f"{pattern}: a pattern in the bucket/host name is not supported")
+    fixed = f"{scheme}://{'/'.join(parts[:k])}"
+    if file_type(fixed) != pafs.FileType.Directory:
+        return fixed, []
+    rels = [r for r in _listing(fixed) if _segments_match(parts[k:], r.split("/")) and _is_data_file(r)]
+    return fixed, [join(fixed, r) for r in sorted(rels, key=lambda r: r.split("/"))]
 
 
-def _check_unique_columns(path: Path, names: Sequence[str]) -> None:
+def _segments_match(pattern: list[str], parts: list[str]) -> bool:
+    """Glob match of path segments: '*', '?', '[..]' within a segment, '**' for any folders."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_segments_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _segments_match(pattern[1:], parts[1:])
+
+
+def _is_data_file(p: str | os.PathLike) -> bool:
+    name = posixpath.basename(os.fspath(p))
+    return os.path.splitext(name)[1].lower() in SUFFIXES and not name.startswith((".", "_"))
+
+
+def _check_unique_columns(path: Location, names: Sequence[str]) -> None:
     """DataError naming the file and every column name that occurs more than once."""
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -100,18 +291,29 @@ def _check_unique_columns(path: Path, names: Sequence[str]) -> None:
                         "(rename or drop the duplicates)")
 
 
-def _is_csv(path: Path) -> bool:
-    return Path(path).suffix.lower() == ".csv"
+def _is_csv(path: str | os.PathLike) -> bool:
+    return os.path.splitext(os.fspath(path))[1].lower() == ".csv"
 
 
-def _read_error(path: Path, exc: BaseException) -> DataError:
+def _source(path: Location, stream: bool = False) -> tuple[str | pa.NativeFile, dict]:
+    """(source, keyword arguments) for pyarrow readers: the local path as it is, or the path on
+    a remote filesystem with `filesystem=` (parquet) / an opened stream (CSV, `stream=True`)."""
+    if isinstance(path, Path):
+        return str(path), {}
+    fs, p = filesystem(path)
+    return (fs.open_input_stream(p), {}) if stream else (p, {"filesystem": fs})
+
+
+def _read_error(path: Location, exc: BaseException) -> DataError:
     """DataError naming the file, and for CSV conversion errors the column by name."""
     msg = _one_line(exc)
     if _is_csv(path):
         m = re.search(r"CSV column #(\d+)", msg)
         if m:
             try:
-                with open(path, newline="") as f:
+                src, _ = _source(path, stream=True)
+                with (open(src, newline="") if isinstance(src, str)
+                      else _stdio.TextIOWrapper(src, newline="")) as f:
                     header = next(csv.reader(f))
                 msg = f"column '{header[int(m.group(1))]}': {msg}"
             except (OSError, StopIteration, IndexError, csv.Error):
@@ -121,14 +323,15 @@ def _read_error(path: Path, exc: BaseException) -> DataError:
 
 def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read a whole parquet or CSV file into a DataFrame; DataError naming the file on failure."""
-    path = Path(path)
+    path = location(path)
     input_schema(path)                     # duplicate column names -> DataError naming them
     try:
         if _is_csv(path):
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            table = pacsv.read_csv(_source(path, stream=True)[0], convert_options=pacsv.ConvertOptions(
                 include_columns=list(columns) if columns else None))
         else:
-            table = pq.read_table(path, columns=list(columns) if columns else None)
+            src, kw = _source(path)
+            table = pq.read_table(src, columns=list(columns) if columns else None, **kw)
         return table.to_pandas()
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such file") from exc
@@ -154,13 +357,14 @@ def input_schema(path: str | os.PathLike) -> pa.Schema:
 
     DataError naming the file when it cannot be read or has duplicate column names.
     """
-    path = Path(path)
+    path = location(path)
     try:
         if _is_csv(path):
-            with pacsv.open_csv(path) as reader:
+            with pacsv.open_csv(_source(path, stream=True)[0]) as reader:
                 schema = reader.schema
         else:
-            schema = pq.read_schema(path)
+            src, kw = _source(path)
+            schema = pq.read_schema(src, **kw)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such file") from exc
     except _ARROW_ERRORS as exc:
@@ -171,10 +375,11 @@ def input_schema(path: str | os.PathLike) -> pa.Schema:
 
 def count_rows(path: str | os.PathLike) -> int | None:
     """Row count from parquet metadata (None for CSV or unreadable files)."""
-    if _is_csv(Path(path)):
+    if _is_csv(path):
         return None
     try:
-        return pq.ParquetFile(path).metadata.num_rows
+        src, kw = _source(location(path))
+        return pq.ParquetFile(src, **kw).metadata.num_rows
     except _ARROW_ERRORS:
         return None
 
@@ -188,19 +393,20 @@ def iter_batches(path: str | os.PathLike, batch_size: int = 65536,
     inferred from the first block). Read errors (corrupt file, bad CSV value) raise
     DataError naming the file (and the column, for CSV conversion errors).
     """
-    path = Path(path)
+    path = location(path)
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")
     try:
         if _is_csv(path):
             opts = pacsv.ConvertOptions(include_columns=list(columns) if columns else None,
                                         column_types=column_types or None)
-            with pacsv.open_csv(path, convert_options=opts) as reader:
+            with pacsv.open_csv(_source(path, stream=True)[0], convert_options=opts) as reader:
                 for batch in reader:
                     for start in range(0, batch.num_rows, batch_size):
                         yield batch.slice(start, batch_size)
         else:
-            with pq.ParquetFile(path) as pf:
+            src, kw = _source(path)
+            with pq.ParquetFile(src, **kw) as pf:
                 yield from pf.iter_batches(batch_size=batch_size,
                                            columns=list(columns) if columns is not None else None)
     except FileNotFoundError as exc:
@@ -210,68 +416,110 @@ def iter_batches(path: str | os.PathLike, batch_size: int = 65536,
 
 
 # ------------------------------------------------------------------ writing
-def temp_path(dst: Path) -> Path:
+def temp_path(dst: str | os.PathLike) -> Location:
     """Hidden temporary name beside `dst` (cleaned up by `remove_stale_temps`)."""
-    return dst.parent / f".{dst.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
+    return join(parent(dst), f".{basename(dst)}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
 
 
-def remove_stale_temps(out_dir: str | os.PathLike) -> list[Path]:
-    """Delete temporaries left by a killed run in `out_dir` and its subdirectories; returns
-    what was removed."""
+def remove_stale_temps(out_dir: str | os.PathLike) -> list[Location]:
+    """Delete temporaries left by a killed run in `out_dir` and its subdirectories (on any
+    filesystem); returns what was removed."""
+    out_dir = location(out_dir)
+    if file_type(out_dir) != pafs.FileType.Directory:
+        return []
+    fs, _ = filesystem(out_dir)
     removed = []
-    for p in Path(out_dir).rglob(f".*{_TMP_MARK}*"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    for rel in _listing(out_dir):
+        name = posixpath.basename(rel)
+        if name.startswith(".") and _TMP_MARK in name:
+            stale = join(out_dir, rel)
+            try:
+                fs.delete_file(filesystem(stale)[1])
+            except FileNotFoundError:
+                continue
+            removed.append(stale)
     return removed
+
+
+def publish(dst: str | os.PathLike, write: Callable[[pafs.FileSystem, str], None]) -> Location:
+    """Run `write(fs, tmp)` to fill a hidden temporary file beside `dst`, then move it to `dst`.
+
+    Locally the move is an atomic rename. On object stores it is a server-side copy (S3
+    CopyObject), which also makes `dst` appear whole or not at all; a run killed before the
+    move leaves only the hidden temporary (removed by `remove_stale_temps`). On any error the
+    temporary is deleted and `dst` is left as it was.
+    """
+    dst = location(dst)
+    fs, dst_path = filesystem(dst)
+    makedirs(parent(dst))
+    tmp = temp_path(dst)
+    tmp_path = filesystem(tmp)[1]
+    try:
+        write(fs, tmp_path)
+        if isinstance(dst, Path):
+            os.replace(tmp_path, dst_path)
+        else:
+            fs.move(tmp_path, dst_path)
+    except BaseException:
+        try:
+            if fs.get_file_info(tmp_path).type == pafs.FileType.File:
+                fs.delete_file(tmp_path)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
+        raise
+    return dst
+
+
+def write_bytes(dst: str | os.PathLike, data: bytes) -> Location:
+    """Write `data` to `dst` atomically (`publish`); local files are fsynced before the rename."""
+    def write(fs: pafs.FileSystem, tmp: str) -> None:
+        if isinstance(location(dst), Path):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+    return publish(dst, write)
 
 
 def write_stream(dst: str | os.PathLike, schema: pa.Schema,
                  batches: Iterable[pa.RecordBatch | pa.Table]) -> int:
-    """Write batches to parquet at `dst` atomically (temp name, then rename). Returns rows written.
+    """Write batches to parquet at `dst` atomically (temporary name, then `publish`'s move).
+    Returns rows written.
 
     If anything fails (including the iterator that produces the batches), the temporary
     file is removed and `dst` is left as it was.
     """
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dst)
-    writer = None
     rows = 0
-    try:
-        writer = pq.ParquetWriter(tmp, schema, compression="snappy")
-        for batch in batches:
-            writer.write(batch)
-            rows += batch.num_rows
-        writer.close()
-        writer = None
-        os.replace(tmp, dst)
-    except BaseException:
-        if writer is not None:
-            try:
-                writer.close()
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(fs: pafs.FileSystem, tmp: str) -> None:
+        nonlocal rows
+        writer = pq.ParquetWriter(tmp, schema, compression="snappy",
+                                  filesystem=None if isinstance(location(dst), Path) else fs)
+        try:
+            for batch in batches:
+                writer.write(batch)
+                rows += batch.num_rows
+        finally:
+            writer.close()
+
+    publish(dst, write)
     return rows
 
 
 def write_frame(df: pd.DataFrame, dst: str | os.PathLike) -> int:
     """Write a DataFrame to parquet (or CSV when dst ends in .csv) atomically."""
-    dst = Path(dst)
     if _is_csv(dst):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(dst)
-        try:
-            df.to_csv(tmp, index=False)
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        def write(fs: pafs.FileSystem, tmp: str) -> None:
+            with fs.open_output_stream(tmp) as f:
+                f.write(df.to_csv(index=False).encode())
+        publish(dst, write)
         return len(df)
     table = pa.Table.from_pandas(df, preserve_index=False)
     return write_stream(dst, table.schema, [table])
+
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__

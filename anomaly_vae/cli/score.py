@@ -66,10 +66,10 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
                + (f", {s['failed']} failed" if s["failed"] else ""))
     state.echo(f"rows:    {s['rows']:,} scored, {s['flagged']:,} flagged "
                f"({100 * s['flagged'] / max(s['rows'], 1):.2f}%), {rate:,.0f} rows/s")
-    state.echo(f"output:  {output} (manifest {Path(output) / batch.MANIFEST})")
+    state.echo(f"output:  {output} (manifest {io.join(output, batch.MANIFEST)})")
     if s["failed"]:
         raise DataError(f"{s['failed']} of {s['files']} input(s) failed (the others were scored; see "
-                        f"{Path(output) / batch.MANIFEST}); first: {s['failures'][0]}")
+                        f"{io.join(output, batch.MANIFEST)}); first: {s['failures'][0]}")
 
 
 # ------------------------------------------------------------------ sample / encode
