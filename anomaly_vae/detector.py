@@ -191,8 +191,8 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
     def _terms_from_X(self, X: np.ndarray, attribute: bool = True) -> S.ScoreTerms:
         owner = self.preprocessor_.dim_to_column()
         n_cols = len(self.preprocessor_.spans)
-        dim_nll, kl = self.vae_.score_terms(X)
-        terms = S.anomaly_scores(dim_nll, kl, owner, n_cols)
+        col_nll, kl = self.vae_.column_terms(X, owner, n_cols)
+        terms = S.scores_from_columns(col_nll, kl)
         if self.config_.score_method == "recon":
             terms = terms._replace(anomaly_score=terms.recon_nll)
         elif self.config_.score_method == "iwae":
@@ -204,7 +204,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         if flagged.any():
             # the KL term has no column of its own: for flagged rows, charge each column the KL it
             # causes (how much KL falls when that column alone takes its typical value)
-            column_kl = np.zeros_like(terms.column_nll)
+            column_kl = np.zeros(terms.column_nll.shape)
             column_kl[flagged] = self.vae_.kl_occlusion(
                 X[flagged], [np.flatnonzero(owner == j) for j in range(n_cols)], self.typical_x_)
             terms = terms._replace(column_kl=column_kl)

@@ -20,18 +20,27 @@ class ScoreTerms(NamedTuple):
 
 
 def column_nll(dim_nll: np.ndarray, owner: np.ndarray, n_columns: int) -> np.ndarray:
-    """Sum per-dim NLL into per-column NLL. (n, n_dims) -> (n, n_columns)."""
-    M = np.zeros((dim_nll.shape[1], n_columns), dtype=np.float64)
-    M[np.arange(len(owner)), owner] = 1.0
-    return dim_nll.astype(np.float64) @ M
+    """Sum per-dim NLL into per-column NLL, float32 segment sums. (n, n_dims) -> (n, n_columns)."""
+    owner = np.asarray(owner)
+    out = np.zeros((dim_nll.shape[0], n_columns), dtype=np.float32)
+    if dim_nll.shape[1] == 0 or dim_nll.shape[0] == 0:
+        return out
+    order = np.argsort(owner, kind="stable")
+    cols, starts = np.unique(owner[order], return_index=True)
+    out[:, cols] = np.add.reduceat(dim_nll[:, order].astype(np.float32, copy=False), starts, axis=1)
+    return out
 
 
 def anomaly_scores(dim_nll: np.ndarray, kl: np.ndarray, owner: np.ndarray, n_columns: int) -> ScoreTerms:
     """recon NLL + KL per row, with the per-column breakdown. Higher = stranger (nats)."""
-    col = column_nll(dim_nll, owner, n_columns)
-    recon = col.sum(1)
+    return scores_from_columns(column_nll(dim_nll, owner, n_columns), kl)
+
+
+def scores_from_columns(col_nll: np.ndarray, kl: np.ndarray) -> ScoreTerms:
+    """ScoreTerms from per-column NLL (n, c) and KL (n,); the row sums are float64."""
+    recon = col_nll.sum(1, dtype=np.float64)
     kl = kl.astype(np.float64)
-    return ScoreTerms(recon + kl, recon, kl, col)
+    return ScoreTerms(recon + kl, recon, kl, col_nll)
 
 
 def feature_contributions(terms: ScoreTerms, reference_median: np.ndarray) -> np.ndarray:
