@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 
 from .errors import AnomalyVAEError, DataError, SchemaMismatchError
 from . import io
-from .io import (MANIFEST, _is_csv, _one_line, count_rows, input_schema, iter_batches,
+from .io import (MANIFEST, _is_csv, _one_line, count_rows, input_schema, iter_batches, prefetch,
                  remove_stale_temps, write_stream)
 
 if TYPE_CHECKING:
@@ -121,15 +122,31 @@ def score_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch, passthrough: S
     naming the column. (n rows) -> (n rows).
     """
     schema = schema if schema is not None else output_schema(batch.schema, passthrough)
-    features = [c.name for c in det.schema_.features]
-    missing = [c for c in features if c not in batch.schema.names]
-    if missing:
-        raise SchemaMismatchError(f"input: missing required column(s) {missing}; the model was "
-                                  f"trained on {features}")
-    table = det.score_table(det.score_terms(batch.select(features).to_pandas()))
+    return _score_encoded(det, batch, _encode_batch(det, batch), passthrough, schema)
+
+
+def _encode_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch) -> np.ndarray:
+    """Validate the batch's feature columns (Arrow, no pandas copy) and encode them. (n, n_dims)"""
+    return det._encode(batch)
+
+
+def _score_encoded(det: "VAEAnomalyDetector", batch: pa.RecordBatch, X: np.ndarray,
+                   passthrough: Sequence[str], schema: pa.Schema) -> pa.RecordBatch:
+    """The second half of `score_batch`: network, scores, explanation -> output batch."""
+    table = det.score_table(det._terms_from_X(X))
     arrays = [_conform(batch.column(c), schema.field(c).type) for c in passthrough]
     arrays += [pa.array(table[f.name], type=f.type, from_pandas=True) for f in SCORE_FIELDS]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+@contextmanager
+def _rows(src: "io.Location", start: int, n: int) -> Iterator[None]:
+    """Re-raise a data error with the file and the batch's row range in front."""
+    try:
+        yield
+    except AnomalyVAEError as exc:
+        msg = str(exc).removeprefix("input: ")
+        raise type(exc)(f"{src} (rows {start:,}-{start + n - 1:,}): {msg}") from exc
 
 
 def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.PathLike, *,
@@ -163,17 +180,24 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
     counts = {"rows": 0, "flagged": 0}
     nulls = dict.fromkeys(features, 0)
 
-    def batches() -> Iterator[pa.RecordBatch]:
+    # three stages on their own threads, each at most two batches ahead (bounded memory): read +
+    # validate + encode | network + scores + explanation | parquet write (the caller's thread)
+    def encoded() -> Iterator[tuple[int, pa.RecordBatch, np.ndarray]]:
+        start = 0
         for batch in iter_batches(src, batch_size, columns=read_cols, column_types=csv_types):
             n = batch.num_rows
             if n == 0:
                 continue
-            start = counts["rows"]
-            try:
-                scored = score_batch(det, batch, passthrough, schema=out_schema)
-            except AnomalyVAEError as exc:
-                msg = str(exc).removeprefix("input: ")
-                raise type(exc)(f"{src} (rows {start:,}-{start + n - 1:,}): {msg}") from exc
+            with _rows(src, start, n):
+                X = _encode_batch(det, batch)
+            yield start, batch, X
+            start += n
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for start, batch, X in prefetch(encoded()):
+            n = batch.num_rows
+            with _rows(src, start, n):
+                scored = _score_encoded(det, batch, X, passthrough, out_schema)
             counts["rows"] += n
             counts["flagged"] += scored.column("is_anomaly").true_count
             for c in features:
@@ -182,7 +206,7 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
                 progress(n)
             yield scored
 
-    rows_out = write_stream(dst, out_schema, batches())
+    rows_out = write_stream(dst, out_schema, prefetch(batches()))
     seconds = time.perf_counter() - t0
     if rows_out == 0:
         warnings.append(f"{src}: no rows; wrote an empty {io.basename(dst)}")

@@ -20,7 +20,7 @@ from .errors import ConfigError, DataError
 from .evaluate import anomaly_mask
 from .model import VAE
 from .preprocess import Preprocessor
-from .schema import Schema, as_frame, infer_schema
+from .schema import Schema, as_frame, infer_schema, validate_arrow
 from .train import History, fit_vae
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,13 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
     def score_terms(self, X: Any) -> S.ScoreTerms:
         """anomaly_score, recon_nll, kl and per-column NLL for each row of X."""
         check_is_fitted(self, "vae_")
-        return self._terms_from_X(self.preprocessor_.encode(self._frame(X)))
+        return self._terms_from_X(self._encode(X))
+
+    def _encode(self, X: Any) -> np.ndarray:
+        """Validated, encoded rows (n, n_dims); Arrow tables and record batches skip pandas."""
+        if hasattr(X, "schema") and hasattr(X, "column") and not isinstance(X, pd.DataFrame):
+            return self.preprocessor_.encode(validate_arrow(self.schema_, X))
+        return self.preprocessor_.encode(self._frame(X))
 
     def anomaly_score(self, X: Any) -> np.ndarray:
         """Reconstruction NLL + KL in nats; higher = stranger. (n,)"""

@@ -231,7 +231,8 @@ class VAE(nn.Module):
             cat_logit = cat_logit.float()
             xc = x[:, self.cat_idx]
             # -sum_k x_k log softmax(l)_k = logsumexp(l) * sum_k x_k - sum_k x_k l_k, per block
-            lse = torch.stack([torch.logsumexp(cat_logit[:, a:b], 1) for a, b in layout.cat_blocks], 1)
+            lt = cat_logit.T.contiguous()           # blocks as contiguous rows: faster reductions
+            lse = torch.stack([torch.logsumexp(lt[a:b], 0) for a, b in layout.cat_blocks], 1)
             dot = x.new_zeros((len(x), len(layout.cat_blocks))).index_add_(1, layout.cat_block_of_dim, xc * cat_logit)
             mass = x.new_zeros((len(x), len(layout.cat_blocks))).index_add_(1, layout.cat_block_of_dim, xc)
             out.index_add_(1, layout.cat_owner, lse * mass - dot)

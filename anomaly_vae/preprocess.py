@@ -166,24 +166,30 @@ class Preprocessor:
         self.n_dims = pos
 
     # ------------------------------------------------------------- encode
-    def encode(self, df: pd.DataFrame) -> np.ndarray:
-        """Validated frame -> float32 X of shape (n_rows, n_dims)."""
-        X = np.zeros((len(df), self.n_dims), dtype=np.float32)
+    def encode(self, data: pd.DataFrame | dict[str, Any]) -> np.ndarray:
+        """Validated columns -> float32 X of shape (n_rows, n_dims).
+
+        `data` is a frame from `Schema.validate` or a {name: pyarrow Array} mapping from
+        `schema.validate_arrow`; both give the same X. Arrow columns are read with Arrow
+        kernels and numpy (no per-column pandas copies).
+        """
+        n = len(data) if isinstance(data, pd.DataFrame) else (
+            len(next(iter(data.values()))) if len(data) else 0)
+        X = np.zeros((n, self.n_dims), dtype=np.float32)
         for span in self.spans:
             p = self.params[span.column]
-            s = df[span.column]
+            s = data[span.column]
             if span.kind == "numeric":
-                x = s.to_numpy("float64", na_value=np.nan)
+                x = _float_values(s)
                 missing = ~np.isfinite(x)
                 x = np.where(missing, p["median"], x)
                 z = (_transform(x, p) - p["mean"]) / p["std"]
                 X[:, span.start] = np.clip(np.nan_to_num(z, nan=0.0), -_CLIP, _CLIP)
             elif span.kind == "datetime":
-                missing = s.isna().to_numpy()
-                X[:, span.start:span.stop] = _datetime_parts(s)
+                seconds, missing = _epoch_seconds(s)
+                X[:, span.start:span.stop] = _datetime_parts(seconds, missing)
             else:
-                codes = _category_codes(_category_strings(s, span.kind), p["vocab"])
-                X[np.arange(len(df)), span.start + codes] = 1.0
+                X[np.arange(n), span.start + _codes(s, span.kind, p["vocab"])] = 1.0
                 continue
             if span.indicator >= 0:
                 X[:, span.indicator] = missing
@@ -325,15 +331,42 @@ def _inverse_transform(t: np.ndarray, p: dict[str, Any]) -> np.ndarray:
     raise ModelFormatError(f"unknown numeric transform '{kind}'")
 
 
-def _datetime_parts(s: pd.Series) -> np.ndarray:
-    """Timestamps -> (n, 4) sin/cos of hour-of-day and day-of-week; NaT -> zeros."""
-    dt = s.dt
-    hour = (dt.hour + dt.minute / 60.0).to_numpy("float64", na_value=np.nan) / 24.0
-    dow = dt.day_of_week.to_numpy("float64", na_value=np.nan) / 7.0
+def _float_values(s: Any) -> np.ndarray:
+    """A numeric column (pandas Series or float64 Arrow array) as float64 numpy, NaN for nulls."""
+    if isinstance(s, pd.Series):
+        return s.to_numpy("float64", na_value=np.nan)
+    return s.to_numpy(zero_copy_only=False)
+
+
+def _epoch_seconds(s: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Timestamps (pandas datetime Series or Arrow timestamp array; tz-aware values count in
+    UTC) -> whole seconds since the epoch (int64, 0 where missing) and the missing mask."""
+    if isinstance(s, pd.Series):
+        missing = s.isna().to_numpy()
+        ticks = s.to_numpy("datetime64[ns]").view(np.int64)
+        per_second = 10 ** 9
+    else:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        missing = s.is_null().to_numpy(zero_copy_only=False)
+        ticks = pc.fill_null(s.cast(pa.int64()), 0).to_numpy()
+        per_second = {"s": 1, "ms": 10 ** 3, "us": 10 ** 6, "ns": 10 ** 9}[s.type.unit]
+    seconds = np.floor_divide(ticks, per_second)
+    seconds[missing] = 0
+    return seconds, missing
+
+
+def _datetime_parts(seconds: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Epoch seconds -> (n, 4) sin/cos of hour-of-day (to the minute) and day-of-week; missing -> zeros."""
+    second_of_day = np.mod(seconds, 86400)
+    hour = (second_of_day // 3600 + (second_of_day % 3600 // 60) / 60.0) / 24.0
+    dow = np.mod(np.floor_divide(seconds, 86400) + 3, 7) / 7.0      # 1970-01-01 was a Thursday (3)
     ang = 2 * np.pi * np.stack([hour, dow], axis=1)
-    parts = np.empty((len(s), 4), dtype=np.float64)
+    parts = np.empty((len(seconds), 4), dtype=np.float64)
     parts[:, 0::2], parts[:, 1::2] = np.sin(ang), np.cos(ang)
-    return np.nan_to_num(parts, nan=0.0)
+    parts[missing] = 0.0
+    return parts
 
 
 def _moments(v: np.ndarray) -> tuple[float, float]:
@@ -367,4 +400,34 @@ def _category_codes(values: pd.Series, vocab: list[str]) -> np.ndarray:
     codes = pd.Index(vocab[:-1]).get_indexer(values.fillna(UNK)).astype(np.int64)
     codes[codes < 0] = unk
     codes[isna] = null
+    return codes
+
+
+def _codes(s: Any, kind: str, vocab: list[str]) -> np.ndarray:
+    """A categorical/boolean column (pandas Series, or Arrow string / dictionary / bool array)
+    -> int64 indices into vocab, with the rules of `_category_codes`."""
+    if isinstance(s, pd.Series):
+        return _category_codes(_category_strings(s, kind), vocab)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    unk = len(vocab) - 1
+    null = vocab.index(NULL) if NULL in vocab else unk
+    known = vocab[:-1]
+
+    def lookup(strings: Any) -> np.ndarray:
+        idx = pc.index_in(strings, value_set=pa.array(known, type=pa.string()))
+        return pc.fill_null(idx, unk).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    if pa.types.is_boolean(s.type):
+        table = lookup(pa.array(["false", "true"]))
+        codes = table[pc.fill_null(s, False).cast(pa.int8()).to_numpy(zero_copy_only=False)]
+    elif pa.types.is_dictionary(s.type):          # look up the few distinct values only
+        table = lookup(s.dictionary.cast(pa.string()))
+        codes = table[pc.fill_null(s.indices, 0).to_numpy(zero_copy_only=False).astype(np.int64)] \
+            if len(table) else np.full(len(s), unk, dtype=np.int64)
+    else:
+        codes = lookup(s)
+    if s.null_count:
+        codes[s.is_null().to_numpy(zero_copy_only=False)] = null
     return codes

@@ -79,6 +79,47 @@ class Schema:
         return pd.DataFrame(out, index=df.index)
 
 
+def validate_arrow(schema: Schema, data: Any, *, source: str = "input") -> dict[str, Any]:
+    """`Schema.validate` for an Arrow table or record batch, without a pandas copy.
+
+    Returns {feature name: pyarrow Array} in schema order, each in the form
+    `Preprocessor.encode` reads: numeric -> float64, boolean -> bool, datetime -> timestamp,
+    categorical -> string (or dictionary of strings). Columns of other types go through
+    `cast_column` (so bad values raise the same SchemaMismatchError naming the column).
+    """
+    names = data.schema.names
+    missing = [c.name for c in schema.features if c.name not in names]
+    if missing:
+        raise SchemaMismatchError(
+            f"{source}: missing required column(s) {missing}; the model was trained on "
+            f"{[c.name for c in schema.features]}")
+    return {c.name: cast_arrow_column(data.column(c.name), c, source) for c in schema.features}
+
+
+def cast_arrow_column(arr: Any, col: Column, source: str = "input") -> Any:
+    """One Arrow column in the form its kind is encoded from (see `validate_arrow`)."""
+    import pyarrow as pa
+
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    t = arr.type
+    if col.kind == "numeric" and (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+                                  or pa.types.is_decimal(t) or pa.types.is_null(t)):
+        return arr.cast(pa.float64())
+    if col.kind == "boolean" and (pa.types.is_boolean(t) or pa.types.is_null(t)):
+        return arr.cast(pa.bool_())
+    if col.kind == "datetime" and (pa.types.is_timestamp(t) or pa.types.is_null(t)):
+        return arr if pa.types.is_timestamp(t) else arr.cast(pa.timestamp("ns"))
+    if col.kind == "categorical":
+        if pa.types.is_dictionary(t) and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)):
+            return arr
+        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t):
+            return arr.cast(pa.string())          # ints print as pandas does: 4 -> "4"
+    # anything else (text numbers, text booleans, dates, float categories, ...): the pandas rules
+    out = cast_column(arr.to_pandas(), col, source)
+    return pa.array(out, from_pandas=True)
+
+
 def as_frame(X: Any) -> pd.DataFrame:
     """Accept a DataFrame, a pyarrow Table/RecordBatch or a 2-D array (columns x0, x1, ...)."""
     if hasattr(X, "to_pandas") and hasattr(X, "schema"):

@@ -73,7 +73,7 @@ def top_features(contrib: np.ndarray, names: Sequence[str], k: int = 3) -> pd.Se
     # values are sorted, so the empty (non-positive) parts are trailing: strip their separators.
     # (null_handling="skip" would be neater but drops rows whose parts are all null in pyarrow 25)
     joined = pc.replace_substring_regex(pc.binary_join_element_wise(*parts, ";"), ";+$", "")
-    return pd.Series(joined.to_numpy(zero_copy_only=False), dtype="string")
+    return pd.Series(pd.arrays.ArrowStringArray(joined))    # Arrow-backed: no per-row Python strings
 
 
 def _fmt2(values: np.ndarray) -> pa.Array:

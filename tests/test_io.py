@@ -82,3 +82,34 @@ def test_iter_batches_sizes_and_columns(tmp_path, frame):
     assert sum(b.num_rows for b in csv_batches) == 300 and max(b.num_rows for b in csv_batches) <= 64
     with pytest.raises(DataError):
         list(io.iter_batches(tmp_path / "f.parquet", batch_size=0))
+
+
+def test_iter_batches_reads_every_row_group_in_order(tmp_path, frame):
+    import pyarrow as pa
+
+    frame.to_parquet(tmp_path / "g.parquet", index=False, row_group_size=300)
+    got = pa.Table.from_batches(list(io.iter_batches(tmp_path / "g.parquet", batch_size=128)))
+    assert got.column("row_id").to_pylist() == frame["row_id"].tolist()
+
+
+def test_prefetch_keeps_order_bounds_memory_and_passes_errors():
+    import threading
+
+    produced = []
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise DataError("bad batch")
+            produced.append(i)
+            yield i
+
+    assert list(io.prefetch(items(50), depth=2)) == list(range(50))
+    produced.clear()
+    gen = io.prefetch(items(1000), depth=2)
+    assert next(gen) == 0
+    gen.close()                                  # stops the producer, which had run ahead a little
+    assert len(produced) <= 5
+    assert not any(t.name == "anomaly-vae-prefetch" for t in threading.enumerate())
+    with pytest.raises(DataError, match="bad batch"):
+        list(io.prefetch(items(10, fail_at=4)))
