@@ -45,6 +45,7 @@ _TMP_MARK = ".tmp-"
 _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
 Location = Union[Path, str]             # a local Path, or a URI such as s3://bucket/key
 _OBJECT_STORES = ("s3", "gcs")          # pyarrow type names of filesystems without atomic rename
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ filesystems
@@ -172,7 +173,6 @@ def delete(path: str | os.PathLike) -> None:
     fs, p = filesystem(path)
     if fs.get_file_info(p).type == pafs.FileType.File:
         fs.delete_file(p)
-T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ inputs
