@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -353,6 +354,69 @@ def read_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
             raise DataError(f"{p}: columns differ from the first input (missing {missing}, extra {extra})")
         frames.append(df)
     return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def sample_rows(paths: Sequence[str | os.PathLike], max_rows: int | None, *, seed: int = 0,
+                batch_size: int = 65536,
+                check: Callable[[pa.RecordBatch, Location], None] | None = None,
+                progress: Callable[[int], object] | None = None) -> tuple[pd.DataFrame, int]:
+    """A uniform random sample of at most `max_rows` rows of all `paths`, streamed in record
+    batches so memory tracks the sample, not the data; returns (sample in input order, rows read).
+
+    Bottom-k sampling: every row draws a key from `numpy.random.default_rng(seed)` in input
+    order and the rows with the `max_rows` smallest keys are kept, so the same files, seed and
+    `max_rows` give the same sample. With `max_rows=None` or fewer rows than `max_rows`,
+    every row is kept in order (the same table as `read_tables`). `check(batch, path)` sees
+    every batch (e.g. to validate a label column in rows the sample leaves out). The files must
+    have the same columns; DataError naming the file otherwise.
+    """
+    if max_rows is not None and max_rows < 1:
+        raise DataError(f"max_rows must be positive, got {max_rows}")
+    rng = np.random.default_rng(seed)
+    kept: list[pa.Table] = []
+    keys: list[np.ndarray] = []
+    n_kept, total, cut, names = 0, 0, np.inf, None
+
+    def compact() -> None:
+        nonlocal kept, keys, n_kept, cut
+        table = pa.concat_tables(kept, promote_options="permissive")
+        k = np.concatenate(keys)
+        order = np.sort(np.argpartition(k, max_rows - 1)[:max_rows])   # positions stay in input order
+        kept, keys, n_kept = [table.take(order)], [k[order]], max_rows
+        cut = float(keys[0].max())
+
+    for path in expand_inputs(paths):
+        schema = input_schema(path)
+        if names is None:
+            names = schema.names
+        elif schema.names != names:
+            missing, extra = sorted(set(names) - set(schema.names)), sorted(set(schema.names) - set(names))
+            raise DataError(f"{path}: columns differ from the first input (missing {missing}, extra {extra})")
+        for rb in iter_batches(path, batch_size):
+            if check is not None:
+                check(rb, path)
+            total += rb.num_rows
+            if progress is not None:
+                progress(rb.num_rows)
+            if max_rows is None:
+                kept.append(pa.Table.from_batches([rb]))
+                continue
+            k = rng.random(rb.num_rows)
+            take = np.flatnonzero(k < cut)
+            if len(take):
+                kept.append(pa.Table.from_batches([rb]).take(take) if len(take) < rb.num_rows
+                            else pa.Table.from_batches([rb]))
+                keys.append(k[take])
+                n_kept += len(take)
+            if n_kept >= 2 * max_rows:
+                compact()
+    if max_rows is not None and n_kept > max_rows:
+        compact()
+    if not kept:
+        table = pa.schema([]).empty_table() if names is None else input_schema(expand_inputs(paths)[0]).empty_table()
+    else:
+        table = pa.concat_tables(kept, promote_options="permissive")
+    return table.to_pandas(), total
 
 
 def input_schema(path: str | os.PathLike) -> pa.Schema:

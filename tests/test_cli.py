@@ -122,6 +122,27 @@ def test_train_summary(data, tmp_path):
     assert cfg["params"]["target_fpr"] == 0.05 and cfg["params"]["random_state"] == 1
 
 
+def test_train_max_rows_samples_and_still_checks_every_label(data, tmp_path):
+    """--max-rows fits on a seeded sample of the rows (same sample, same model); a bad label in a
+    row the sample leaves out is still an error naming its file, with no model written."""
+    args = ["-q", "--threads", "1", "train", data["train"], data["incoming"] / "part-0.parquet", "--label",
+            "label", *EXCLUDE, "--epochs", "2", "--no-mlflow", "--max-rows", "700"]
+    r = run(*args[1:], "-o", tmp_path / "a")
+    assert "1,800 read (700 sampled)" in r.stdout
+    run(*args, "-o", tmp_path / "b")
+    assert (tmp_path / "a" / "weights.safetensors").read_bytes() == (tmp_path / "b" / "weights.safetensors").read_bytes()
+    from anomaly_vae import VAEAnomalyDetector
+    det = VAEAnomalyDetector.load(tmp_path / "a")
+    assert det.calibration_["n_calibration"] < 700 * 0.2
+    bad = data["frame"].iloc[1600:1800].copy()
+    bad.loc[bad.index[-1], "label"] = 7                       # one bad label among 1,800 rows
+    bad.to_parquet(tmp_path / "bad.parquet", index=False)
+    r = run("train", data["train"], tmp_path / "bad.parquet", "--label", "label", "--no-mlflow",
+            "--max-rows", "10", "-o", tmp_path / "c", ok=False)
+    assert r.exit_code == 2 and r.stderr.startswith(f"Error: {tmp_path / 'bad.parquet'}: "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+
+
 def test_train_accepts_comma_separated_and_repeated_column_lists(data, tmp_path):
     r = run("-q", "--threads", "1", "train", data["train"], "--label", "label", "--exclude", "customer_id,fraud_type",
             "--id-col", "transaction_id", "--categorical", "channel, country", "--categorical", "merchant_category",

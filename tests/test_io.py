@@ -113,3 +113,31 @@ def test_prefetch_keeps_order_bounds_memory_and_passes_errors():
     assert not any(t.name == "anomaly-vae-prefetch" for t in threading.enumerate())
     with pytest.raises(DataError, match="bad batch"):
         list(io.prefetch(items(10, fail_at=4)))
+
+
+def test_sample_rows_is_a_deterministic_uniform_sample_in_input_order(tmp_path, frame):
+    parts = [frame.iloc[i * 500:(i + 1) * 500] for i in range(3)]
+    for i, part in enumerate(parts):
+        part.to_parquet(tmp_path / f"p{i}.parquet", index=False)
+    paths = [tmp_path / f"p{i}.parquet" for i in range(3)]
+    seen = []
+    whole, n = io.sample_rows(paths, None, check=lambda rb, p: seen.append((p.name, rb.num_rows)))
+    pd.testing.assert_frame_equal(whole, io.read_tables(paths))
+    assert n == 1500 and sum(k for _, k in seen) == 1500 and {p for p, _ in seen} == {"p0.parquet", "p1.parquet", "p2.parquet"}
+    small, n = io.sample_rows(paths, 5000, seed=3)                    # fewer rows than max: all, in order
+    pd.testing.assert_frame_equal(small, whole)
+    a, n = io.sample_rows(paths, 300, seed=1, batch_size=64)
+    b, _ = io.sample_rows(paths, 300, seed=1, batch_size=64)
+    c, _ = io.sample_rows(paths, 300, seed=2, batch_size=64)
+    assert n == 1500 and len(a) == 300
+    pd.testing.assert_frame_equal(a, b)                                # same seed, same sample
+    assert set(a["row_id"]) != set(c["row_id"])
+    pos = whole.reset_index().set_index("row_id").loc[a["row_id"], "index"].to_numpy()
+    assert (np.diff(pos) > 0).all()                                    # input order, no duplicates
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), whole.iloc[pos].reset_index(drop=True))
+    # uniform: every file contributes about a third
+    per_file = np.bincount(pos // 500, minlength=3)
+    assert per_file.min() > 60, per_file
+    frame.drop(columns=["x"]).head(10).to_parquet(tmp_path / "odd.parquet", index=False)
+    with pytest.raises(DataError, match=r"odd\.parquet: columns differ from the first input \(missing \['x'\]"):
+        io.sample_rows(paths + [tmp_path / "odd.parquet"], 100)

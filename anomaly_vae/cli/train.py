@@ -7,6 +7,9 @@ from typing import Any
 import click
 
 from ..errors import DataError, SchemaMismatchError
+
+# Rows `train` fits on by default (a uniform sample of larger data); see README "Training on big data".
+MAX_TRAIN_ROWS = 200_000
 from .state import (State, _check_labels, _column_list_option, _fmt, _mlflow_options, _model_option,
                     _where, pass_state)
 
@@ -28,6 +31,9 @@ from .state import (State, _check_labels, _column_list_option, _fmt, _mlflow_opt
 @click.option("--latent-dim", type=click.IntRange(min=1), default=None, show_default="automatic",
               help="Latent dimensions.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--max-rows", type=click.IntRange(min=2), default=MAX_TRAIN_ROWS, show_default=True,
+              help="Fit on a uniform random sample of at most this many rows (streamed; every row's "
+                   "label is still checked). Smaller data is used whole.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default=None,
               show_default="models/<register name or first input's name>", help="Model directory to write.")
 @click.option("--register", metavar="NAME", help="Register the model in the MLflow registry under NAME.")
@@ -35,9 +41,13 @@ from .state import (State, _check_labels, _column_list_option, _fmt, _mlflow_opt
 @pass_state
 def train(state: State, data: tuple[str, ...], label: str | None, categorical: tuple[str, ...],
           exclude: tuple[str, ...], id_col: tuple[str, ...], target_fpr: float, contamination: float | None,
-          epochs: int | None, latent_dim: int | None, seed: int, output: str | None, register: str | None,
-          no_mlflow: bool, experiment: str) -> None:
-    """Fit a detector on DATA (parquet/CSV files, directories searched recursively, or globs).
+          epochs: int | None, latent_dim: int | None, seed: int, max_rows: int, output: str | None,
+          register: str | None, no_mlflow: bool, experiment: str) -> None:
+    """Fit a detector on DATA (parquet/CSV files, directories searched recursively, or globs;
+    local paths or s3:// gs:// hdfs:// URIs).
+
+    Data larger than --max-rows is streamed in record batches and a uniform random sample
+    (fixed by --seed) is kept; train / validation / calibration splits are disjoint parts of it.
 
     Saves a model directory and, unless --no-mlflow, logs an MLflow run (params, per-epoch
     metrics, plots, the model) and optionally registers it.
@@ -48,18 +58,30 @@ def train(state: State, data: tuple[str, ...], label: str | None, categorical: t
       anomaly-vae train 'data/2026-*.parquet' --id-col txn_id --register payments
       anomaly-vae train data/ --epochs 20 --no-mlflow -o models/quick
     """
+    from tqdm.auto import tqdm
+
     from .. import io
     from ..detector import VAEAnomalyDetector
 
     if register and no_mlflow:
         raise click.BadParameter("--register needs MLflow; drop --no-mlflow", param_hint="--register")
     paths = io.expand_inputs(data)
-    df = io.read_tables(paths)
-    if len(df) < 2:
-        raise DataError(f"{_where(paths)}: {len(df)} row(s); training needs at least 2")
+    counted = [io.count_rows(p) for p in paths]
     n_anom = 0
-    if label:                       # check the label column before spending time on training
-        n_anom = _check_labels(df, label, paths)
+
+    def check(rb: Any, path: Any) -> None:       # every row's label, also those left out of the sample
+        nonlocal n_anom
+        n_anom += _check_labels(rb.select([label]).to_pandas() if label in rb.schema.names else
+                                rb.slice(0, 0).to_pandas(), label, [path])
+
+    with tqdm(total=sum(counted) if None not in counted else None, desc="read", unit="row",
+              unit_scale=True, leave=False, disable=not state.progress) as bar:
+        df, n_read = io.sample_rows(paths, max_rows, seed=seed, check=check if label else None,
+                                    progress=bar.update)
+    if n_read < 2:
+        raise DataError(f"{_where(paths)}: {n_read} row(s); training needs at least 2")
+    if label:                       # anomalies in the sample (all of them when the data is used whole)
+        n_anom = _check_labels(df, label, paths) if n_read > len(df) else n_anom
     det = VAEAnomalyDetector(label=label, categorical=categorical or None, exclude=exclude or None,
                              id_cols=id_col or None, target_fpr=target_fpr, contamination=contamination,
                              max_epochs=epochs, latent_dim=latent_dim, random_state=seed,
@@ -68,25 +90,26 @@ def train(state: State, data: tuple[str, ...], label: str | None, categorical: t
         det.fit(df)
     except (DataError, SchemaMismatchError) as exc:   # fit names columns and rows; add the file(s)
         raise type(exc)(f"{_where(paths)}: {exc}") from exc
-    out_dir = Path(output or Path("models") / (register or paths[0].stem))
+    out_dir = Path(output or Path("models") / (register or Path(io.basename(paths[0])).stem))
     det.save(out_dir)
     run = None
     if not no_mlflow:
         with state.muted():
             run = state.tracking().log_training_run(
-                det, df, dataset_name=paths[0].stem, dataset_source=",".join(str(p) for p in paths),
+                det, df, dataset_name=Path(io.basename(paths[0])).stem, dataset_source=",".join(str(p) for p in paths),
                 label=label, experiment=experiment, register_as=register)
-    _train_summary(state, det, len(df), n_anom, label, out_dir, run, register)
+    _train_summary(state, det, len(df), n_anom, label, out_dir, run, register, n_read)
 
 
 def _train_summary(state: State, det: Any, n_rows: int, n_anom: int, label: str | None, out_dir: Path,
-                   run: Any, register: str | None) -> None:
+                   run: Any, register: str | None, n_read: int | None = None) -> None:
     kinds: dict[str, list[str]] = {}
     for c in det.schema_.columns:
         kinds.setdefault(c.kind, []).append(c.name)
     h, cal = det.history_, det.calibration_
     feat = ", ".join(f"{len(kinds[k])} {k}" for k in ("numeric", "categorical", "boolean", "datetime") if k in kinds)
-    state.echo(f"rows:       {n_rows:,} read, {n_rows - n_anom:,} used for training"
+    sampled = f" ({n_rows:,} sampled)" if n_read and n_read > n_rows else ""
+    state.echo(f"rows:       {n_read or n_rows:,} read{sampled}, {n_rows - n_anom:,} used for training"
                + (f" ({n_anom:,} labelled anomalies left out)" if label else ""))
     state.echo(f"columns:    {feat}; ids: {', '.join(kinds.get('id', [])) or 'none'}")
     state.echo(f"epochs:     {len(h.loss)} (best {h.best_epoch + 1}{', stopped early' if h.stopped_early else ''}), "
