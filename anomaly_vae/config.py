@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -9,6 +10,7 @@ from .errors import ConfigError
 
 NUMERIC_TRANSFORMS = ("yeo-johnson", "standard", "robust", "signed-log", "quantile")
 SCORE_METHODS = ("elbo", "recon", "iwae")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +51,8 @@ class Config:
     # runtime
     seed: int = 0
     n_threads: int | None = None
+    device: str = "auto"              # auto = CUDA when available, else CPU; or cpu, cuda, cuda:N
+    precision: str = "float32"        # scoring MLP precision: float32, or bfloat16 (autocast)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -85,6 +89,10 @@ class Config:
                 raise bad(name, "expected a positive integer")
         if self.numeric_transform not in NUMERIC_TRANSFORMS:
             raise bad("numeric_transform", f"expected one of {NUMERIC_TRANSFORMS}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise bad("device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"expected one of {PRECISIONS}")
         if self.score_method not in SCORE_METHODS:
             raise bad("score_method", f"expected one of {SCORE_METHODS}")
 

@@ -1,6 +1,7 @@
 """VAEAnomalyDetector: the sklearn-style estimator wiring schema -> preprocess -> VAE -> scorer."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -14,11 +15,11 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from . import score as S
-from .config import Config
+from .config import PRECISIONS, Config
 from .drift import numeric_fractions
 from .errors import ConfigError, DataError
 from .evaluate import anomaly_mask
-from .model import VAE
+from .model import VAE, resolve_device
 from .preprocess import Preprocessor
 from .schema import Schema, as_frame, infer_schema, validate_arrow
 from .train import History, fit_vae
@@ -51,6 +52,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
                  categorical: tuple[str, ...] | None = None, exclude: tuple[str, ...] | None = None,
                  id_cols: tuple[str, ...] | None = None, label: str | None = None,
                  random_state: int | None = None, n_threads: int | None = None,
+                 device: str = "auto", precision: str = "float32",
                  verbose: bool = False) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -84,6 +86,8 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         self.label = label
         self.random_state = random_state
         self.n_threads = n_threads
+        self.device = device
+        self.precision = precision
         self.verbose = verbose
 
     # ----------------------------------------------------------------- fit
@@ -121,9 +125,10 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         self.config_ = config.resolve(len(train_idx), self.preprocessor_.n_varying_dims)
         torch.set_num_threads(_train_threads(self.config_))
         torch.manual_seed(self.config_.seed)
-        self.vae_ = VAE.from_config(self.preprocessor_, self.config_)
+        self.vae_ = VAE.from_config(self.preprocessor_, self.config_).to(resolve_device(self.config_.device))
         self.history_: History = fit_vae(self.vae_, X_all[train_idx], X_all[val_idx] if len(val_idx) else None,
                                          self.config_, progress=self.verbose)
+        self.vae_ = self.vae_.cpu()          # kept (and saved) on the CPU; scoring moves a copy
         torch.set_num_threads(self.config_.n_threads or os.cpu_count() or 1)
         self._calibrate(X_all, train_idx, cal_idx)
         self.reference_ = _reference_profile(data.iloc[train_idx], self.schema_, self.preprocessor_)
@@ -191,7 +196,11 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
     def _terms_from_X(self, X: np.ndarray, attribute: bool = True) -> S.ScoreTerms:
         owner = self.preprocessor_.dim_to_column()
         n_cols = len(self.preprocessor_.spans)
-        col_nll, kl = self.vae_.column_terms(X, owner, n_cols)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
+        device = resolve_device(self.device)
+        col_nll, kl = self._vae_on(device).column_terms(X, owner, n_cols, precision=self.precision,
+                                                        device=device)
         terms = S.scores_from_columns(col_nll, kl)
         if self.config_.score_method == "recon":
             terms = terms._replace(anomaly_score=terms.recon_nll)
@@ -209,6 +218,15 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
                 X[flagged], [np.flatnonzero(owner == j) for j in range(n_cols)], self.typical_x_)
             terms = terms._replace(column_kl=column_kl)
         return terms
+
+    def _vae_on(self, device: torch.device) -> VAE:
+        """The fitted network on `device` (a cached copy off the CPU)."""
+        if device.type == "cpu":
+            return self.vae_
+        cached = getattr(self, "_device_vae", None)
+        if cached is None or cached[0] != device or cached[1] is not self.vae_:
+            self._device_vae = (device, self.vae_, copy.deepcopy(self.vae_).to(device))
+        return self._device_vae[2]
 
     def score_terms(self, X: Any) -> S.ScoreTerms:
         """anomaly_score, recon_nll, kl and per-column NLL for each row of X."""

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import Config
+from .errors import ConfigError
 from .preprocess import Preprocessor
 
 LOG_2PI = math.log(2 * math.pi)
@@ -65,6 +66,21 @@ class ColumnLayout(NamedTuple):
         return cls(n_columns, t(own[vae.num_idx.cpu()]), t(torch.nonzero(has_ind.cpu())[:, 0]),
                    t(vae.num_ind[has_ind].cpu()), t(own[vae.ind_idx.cpu()]), blocks, t(block_of),
                    t([int(own[a]) for a, _ in vae.cat_spans]))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cpu', 'cuda', 'cuda:N' as given. ConfigError
+    when CUDA is asked for and not available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}': CUDA is not available on this machine (torch "
+                          f"{torch.__version__}); use device='auto' or 'cpu'")
+    return device
 
 
 def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:

@@ -65,13 +65,15 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
     """Train `vae` in place on X_train; early-stop on X_val's loss (full beta). Returns History."""
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    X = torch.from_numpy(np.ascontiguousarray(X_train, dtype=np.float32))
-    Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32)) if X_val is not None and len(X_val) else None
+    device = next(vae.parameters()).device          # train where the model lives (CPU or CUDA)
+    X = torch.from_numpy(np.ascontiguousarray(X_train, dtype=np.float32)).to(device)
+    Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32)).to(device) \
+        if X_val is not None and len(X_val) else None
     n, bs, epochs = len(X), int(config.batch_size), int(config.max_epochs)
     steps_per_epoch = max(1, -(-n // bs))
     total_steps = steps_per_epoch * epochs
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    num_mask = torch.zeros(vae.n_dims)
+    num_mask = torch.zeros(vae.n_dims, device=device)
     num_mask[vae.num_idx] = 1.0
     hist = History()
     best, best_state, bad_epochs, step = float("inf"), None, 0, 0
@@ -83,11 +85,11 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
         perm = torch.randperm(n, generator=gen)
         sums = np.zeros(3)
         for i in range(0, n, bs):
-            xb = X[perm[i:i + bs]]
+            xb = X[perm[i:i + bs].to(device)]
             if len(xb) < 2 and n >= 2:
                 continue
             beta = beta_at(step / total_steps, config)
-            noise = (torch.randn(xb.shape, generator=gen) * config.input_noise * num_mask
+            noise = (torch.randn(xb.shape, generator=gen).to(device) * config.input_noise * num_mask
                      if config.input_noise else None)
             loss, recon, kl = _elbo_terms(vae, xb, config, beta, noise)
             opt.zero_grad(set_to_none=True)

@@ -484,3 +484,24 @@ def test_pipelines_readme_try_it_makes_a_dated_window(tmp_path, monkeypatch):
     window = select_window(list_partitions(["data/"]), days=8)
     assert [str(p.date) for p in window] == [f"2026-01-0{d}" for d in range(1, 9)]
     assert sum(len(pd.read_parquet(p.path)) for p in window) == 8_000
+
+
+def test_device_and_precision_options(tmp_path, data, model_dir):
+    """--device cpu scores exactly as the default on a CPU machine; an unavailable or unknown
+    device is a one-line error (exit 2); --precision bfloat16 scores close to float32."""
+    import torch
+
+    src = data["incoming"] / "part-0.parquet"
+    run("-q", "score", "-m", model_dir, src, "-o", tmp_path / "default")
+    run("-q", "--device", "cpu", "score", "-m", model_dir, src, "-o", tmp_path / "cpu")
+    a = pd.read_parquet(tmp_path / "default" / "part-0.scored.parquet")
+    b = pd.read_parquet(tmp_path / "cpu" / "part-0.scored.parquet")
+    if not torch.cuda.is_available():          # auto = cpu here
+        pd.testing.assert_frame_equal(a, b)
+        r = run("-q", "--device", "cuda", "score", "-m", model_dir, src, "-o", tmp_path / "gpu", ok=False)
+        assert r.exit_code == 2 and "CUDA is not available" in r.output
+    r = run("-q", "--device", "tpu", "score", "-m", model_dir, src, "-o", tmp_path / "x", ok=False)
+    assert r.exit_code == 2 and "device" in r.output
+    run("-q", "--precision", "bfloat16", "score", "-m", model_dir, src, "-o", tmp_path / "bf16")
+    c = pd.read_parquet(tmp_path / "bf16" / "part-0.scored.parquet")
+    np.testing.assert_allclose(c.anomaly_score, a.anomaly_score, rtol=0.05, atol=1.0)

@@ -216,3 +216,48 @@ def test_sample_never_emits_unk_and_keeps_integer_categories():
     synth = det.sample(3000, seed=2)
     assert "<unk>" not in set(synth["shop"].dropna()) and synth["shop"].notna().all()
     assert str(synth["code"].dtype) == "Int64" and set(synth["code"]) <= set(df["code"])
+
+
+def test_device_option_cpu_auto_and_unavailable_cuda(frame, fitted):
+    import torch
+
+    from anomaly_vae.errors import ConfigError
+
+    scores = fitted.anomaly_score(frame)
+    cpu = clone_fitted(fitted, device="cpu")
+    np.testing.assert_array_equal(cpu.anomaly_score(frame), scores)
+    with pytest.raises(ConfigError, match="device"):
+        clone_fitted(fitted, device="tpu").anomaly_score(frame)
+    with pytest.raises(ConfigError, match="device"):
+        VAEAnomalyDetector(device="gpu0", **FAST).fit(frame)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            VAEAnomalyDetector(device="cuda", **FAST).fit(frame)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_cuda_fit_and_score_match_cpu_closely(frame, fitted):
+    gpu = VAEAnomalyDetector(device="cuda", **FAST).fit(frame)
+    assert next(gpu.vae_.parameters()).device.type == "cpu"        # saved from the CPU
+    np.testing.assert_allclose(clone_fitted(gpu, device="cpu").anomaly_score(frame),
+                               gpu.anomaly_score(frame), rtol=1e-3, atol=1e-3)
+
+
+def test_bfloat16_precision_is_deterministic_and_close(frame, fitted):
+    from anomaly_vae.errors import ConfigError
+
+    bf = clone_fitted(fitted, precision="bfloat16")
+    a, b = bf.anomaly_score(frame), bf.anomaly_score(frame)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, fitted.anomaly_score(frame), rtol=0.05, atol=1.0)
+    with pytest.raises(ConfigError, match="precision"):
+        clone_fitted(fitted, precision="float16").anomaly_score(frame)
+    with pytest.raises(ConfigError, match="precision"):
+        VAEAnomalyDetector(precision="int8", **FAST).fit(frame)
+
+
+def clone_fitted(det, **params):
+    """A shallow copy of a fitted detector with some runtime params changed (no refit)."""
+    import copy
+    other = copy.copy(det)
+    return other.set_params(**params)

@@ -20,8 +20,14 @@ from .state import (INTERNAL_ERROR, SCORING_THREADS, USER_ERROR, CLIError, State
               show_default="$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db", help="MLflow tracking URI.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               show_default="1 for scoring, the detector's rule for training", help="Torch threads.")
+@click.option("--device", default=None, metavar="DEVICE", show_default="auto",
+              help="Where the network runs for train and score: auto (CUDA when available), cpu, cuda, cuda:N.")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default=None,
+              show_default="the model's (float32)",
+              help="Scoring MLP precision; bfloat16 is faster on CPUs with BF16 (see README: Speed).")
 @click.pass_context
-def main(ctx: click.Context, quiet: bool, debug: bool, tracking_uri: str | None, threads: int | None) -> None:
+def main(ctx: click.Context, quiet: bool, debug: bool, tracking_uri: str | None, threads: int | None,
+         device: str | None, precision: str | None) -> None:
     """Variational-autoencoder anomaly detection for tables and transactions.
 
     \b
@@ -35,7 +41,8 @@ def main(ctx: click.Context, quiet: bool, debug: bool, tracking_uri: str | None,
     retrain holds the lock).
     """
     _setup_logging(quiet, debug)
-    ctx.obj = State(quiet=quiet, debug=debug, tracking_uri=tracking_uri, threads=threads)
+    ctx.obj = State(quiet=quiet, debug=debug, tracking_uri=tracking_uri, threads=threads, device=device,
+                    precision=precision)
 
 
 for _command in (_train.train, _train.evaluate, _score.score, _score.sample, _score.encode,

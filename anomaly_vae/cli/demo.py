@@ -58,7 +58,7 @@ def demo(state: State, rows: int, data_dir: str, model_dir: str, scored_dir: str
                f"{len(test_df):,} held-out rows")
 
     det = VAEAnomalyDetector(label="label", exclude=DEMO_EXCLUDE, max_epochs=epochs, random_state=seed,
-                             n_threads=state.threads, verbose=state.progress)
+                             n_threads=state.threads, verbose=state.progress, **state.detector_runtime())
     det.fit(train_df)
     det.save(model_dir)
     state.echo(f"trained:   {len(det.history_.loss)} epochs in {det.fit_seconds_:.1f} s, threshold "

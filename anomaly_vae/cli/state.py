@@ -103,6 +103,8 @@ class State:
     debug: bool = False
     tracking_uri: str | None = None
     threads: int | None = None
+    device: str | None = None
+    precision: str | None = None
     resolved_uri: str | None = None
     _tracking: Any = field(default=None, repr=False)
 
@@ -151,12 +153,28 @@ class State:
         path = Path(model)
         if path.is_dir():
             det = VAEAnomalyDetector.load(path)
-            return det, {"uri": str(path.resolve()), "name": None, "version": None, "run_id": None}
+            return self.runtime(det), {"uri": str(path.resolve()), "name": None, "version": None,
+                                       "run_id": None}
         if ":/" not in model:
             raise ModelNotFoundError(f"{model}: no such model directory (and not a models:/NAME@alias, "
                                      "models:/NAME/VERSION or runs:/ID/model URI)")
         with self.muted():
-            return self.tracking().load_detector(model)
+            det, info = self.tracking().load_detector(model)
+        return self.runtime(det), info
+
+    def runtime(self, det: Any) -> Any:
+        """Apply --device / --precision to a loaded detector (validated: ConfigError)."""
+        from ..config import Config
+
+        params = {k: v for k, v in (("device", self.device), ("precision", self.precision)) if v is not None}
+        if params:
+            Config(**params)                 # same checks and messages as at fit
+            det.set_params(**params)
+        return det
+
+    def detector_runtime(self) -> dict[str, str]:
+        """--device / --precision as detector keyword arguments (for train)."""
+        return {k: v for k, v in (("device", self.device), ("precision", self.precision)) if v is not None}
 
 
 pass_state = click.make_pass_decorator(State)

@@ -85,7 +85,7 @@ def train(state: State, data: tuple[str, ...], label: str | None, categorical: t
     det = VAEAnomalyDetector(label=label, categorical=categorical or None, exclude=exclude or None,
                              id_cols=id_col or None, target_fpr=target_fpr, contamination=contamination,
                              max_epochs=epochs, latent_dim=latent_dim, random_state=seed,
-                             n_threads=state.threads, verbose=state.progress)
+                             n_threads=state.threads, verbose=state.progress, **state.detector_runtime())
     try:
         det.fit(df)
     except (DataError, SchemaMismatchError) as exc:   # fit names columns and rows; add the file(s)
