@@ -1,157 +1,246 @@
 #!/usr/bin/env python
-"""Batch-scoring throughput: rows/s and peak RSS of `anomaly_vae.batch.score_file`, vs. the I/O floor.
+"""Batch-scoring throughput: `anomaly-vae score` end to end vs the I/O floor, per table.
 
-Steps (for each --rows value, default 1,000,000):
-  1. generate demo transactions (anomaly_vae.demo.make_transactions, in chunks of 200k rows
-     with seeds 0, 1, ...) into <workdir>/transactions_<rows>.parquet (reused when present);
-  2. train a small model once on the first --train-rows rows (default 50,000; label column
-     given, DEMO_EXCLUDE excluded), saved to <workdir>/model;
-  3. in a fresh child process: load the model and score the file with batch.score_file
-     (ids pass-through, --batch-size rows per batch); wall time, rows/s, peak RSS;
-  4. in a fresh child process: the I/O floor, a plain pyarrow read + write of the same file
-     in batches of the same size (every column read, every column written, snappy);
-  5. print a table and write benchmarks/results/throughput.json.
+Tables (``--tables``): ``demo`` (`anomaly_vae.demo.make_transactions`, 10 features) and
+``wide`` (`anomaly_vae.demo.make_wide_transactions`, ``--width`` columns, default 20: id,
+timestamp, 10 numeric, 6 categoricals, 2 booleans). For each table, in one run:
 
-Each measurement runs in its own process so that peak RSS (VmHWM, plus VmRSS sampled every
-20 ms in a thread) belongs to that step alone. The machine is shared: the
-load average at start and end is recorded with the results.
+  1. generate the table for each ``--rows`` value (chunks of 1M rows, seeds 0, 1, ...;
+     1M-row row groups), reused from ``--workdir`` when present;
+  2. train one model with the defaults on the first ``--train-rows`` rows (default 100,000);
+  3. per row count, each measurement in a fresh child process (wall time, CPU time and peak
+     RSS from the child's own rusage, as /usr/bin/time -v reports them):
+       floor      plain pyarrow stream read + write of the same file (every column, snappy,
+                  row group by row group), the I/O floor;
+       cli        ``anomaly-vae -q score -m MODEL FILE -o DIR`` as users run it (imports,
+                  model load, read, score, explanations, atomic write);
+     and for the first row count only:
+       cli_bf16   the same with ``--precision bfloat16`` (opt-in; see benchmarks/precision.py);
+       in_memory  ``det.anomaly_score(table)`` on the whole table already in RAM (Arrow);
+       stages     the same pipeline run sequentially with a timer per stage: read, encode,
+                  network, NLL/KL, explanation, write;
+       pyod       PyOD's VAE ``decision_function`` on the one-hot encoding in RAM (the
+                  reference; quality.py's encoding, fitted on the training rows).
+  4. print a table (rows/s, ratio to the floor, peak RSS) and write
+     benchmarks/results/throughput.json and throughput.csv.
 
-    .venv/bin/python benchmarks/throughput.py                    # 1M rows
-    .venv/bin/python benchmarks/throughput.py --rows 1e6 1e7     # 1M and 10M rows
-    .venv/bin/python benchmarks/throughput.py --workdir /data/tmp --keep-files
+The machine is shared: run it with ``nice``; the load average at start and end is recorded,
+and ratios measured in the same run are the figures to compare.
+
+    .venv/bin/python benchmarks/throughput.py                           # demo + wide, 1M rows
+    nice .venv/bin/python benchmarks/throughput.py --rows 1e6 1e7 --workdir /tmp/tp
+    .venv/bin/python benchmarks/throughput.py --tables wide --width 40 --no-pyod
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "results" / "throughput.json"
-CHUNK_ROWS = 200_000
-
-
-# ------------------------------------------------------------------ memory
-def _rss_mb() -> float:
-    """Current resident set size of this process in MiB (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return 0.0
-
-
-class RssSampler:
-    """Samples RSS in a background thread; `peak` is the largest value seen (MiB)."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        self.interval, self.peak, self._stop = interval, _rss_mb(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_mb())
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
-
-
-def _hwm_mb() -> float:
-    """Peak RSS of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+CHUNK_ROWS = 1_000_000
+ENTRY_POINT = Path(sys.executable).with_name("anomaly-vae")
 
 
 # ------------------------------------------------------------------ child steps
-def child_score(model: str, src: str, dst: str, batch_size: int, threads: int | None) -> dict:
-    import torch
-
-    from anomaly_vae import VAEAnomalyDetector, batch
-
-    torch.set_num_threads(threads or 1)       # the CLI's scoring default (anomaly_vae.cli.SCORING_THREADS)
-    det = VAEAnomalyDetector.load(model)
-    base = _rss_mb()
-    t0 = time.perf_counter()
-    with RssSampler() as s:
-        stats = batch.score_file(det, src, dst, batch_size=batch_size)
-    sec = time.perf_counter() - t0
-    return {"rows": stats["rows_out"], "flagged": stats["flagged"], "seconds": sec,
-            "rows_per_s": stats["rows_out"] / sec, "baseline_rss_mb": base,
-            "peak_rss_mb": max(s.peak, _hwm_mb()), "torch_threads": torch.get_num_threads(),
-            "output_mb": os.path.getsize(dst) / 2**20}
-
-
 def child_floor(src: str, dst: str, batch_size: int) -> dict:
     import pyarrow.parquet as pq
 
-    base = _rss_mb()
     rows = 0
-    t0 = time.perf_counter()
-    with RssSampler() as s:
-        pf = pq.ParquetFile(src)
-        with pq.ParquetWriter(dst, pf.schema_arrow, compression="snappy") as w:
-            for batch in pf.iter_batches(batch_size=batch_size):
+    pf = pq.ParquetFile(src, pre_buffer=False)
+    with pq.ParquetWriter(dst, pf.schema_arrow, compression="snappy") as w:
+        for rg in range(pf.metadata.num_row_groups):
+            for batch in pf.iter_batches(batch_size=batch_size, row_groups=[rg]):
                 w.write_batch(batch)
                 rows += batch.num_rows
-    sec = time.perf_counter() - t0
-    return {"rows": rows, "seconds": sec, "rows_per_s": rows / sec, "baseline_rss_mb": base,
-            "peak_rss_mb": max(s.peak, _hwm_mb()), "output_mb": os.path.getsize(dst) / 2**20}
+    return {"rows": rows}
 
 
-def _run_child(args: list[str]) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {' '.join(args[:1])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def child_in_memory(model: str, src: str) -> dict:
+    import pyarrow.parquet as pq
+    import torch
+
+    from anomaly_vae import VAEAnomalyDetector
+
+    torch.set_num_threads(1)
+    det = VAEAnomalyDetector.load(model)
+    table = pq.read_table(src, columns=[c.name for c in det.schema_.features])
+    t0 = time.perf_counter()
+    scores = det.anomaly_score(table)
+    return {"rows": len(scores), "seconds_in_ram": time.perf_counter() - t0}
+
+
+def child_stages(model: str, src: str, dst: str, batch_size: int) -> dict:
+    """The scoring pipeline, one stage after the other on one thread, each timed."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from anomaly_vae import VAEAnomalyDetector
+    from anomaly_vae import score as S
+    from anomaly_vae.batch import SCORE_FIELDS, output_schema
+    from anomaly_vae.io import iter_batches
+    from anomaly_vae.model import ColumnLayout, kl_divergence
+    import pyarrow as pa
+
+    torch.set_num_threads(1)
+    t = {k: 0.0 for k in ("import_load", "read", "encode", "network", "nll_kl", "explanation", "write")}
+    t0 = time.perf_counter()
+    det = VAEAnomalyDetector.load(model)
+    t["import_load"] = time.perf_counter() - t0    # imports happened at the top: see cli row
+    features = [c.name for c in det.schema_.features]
+    ids = [c for c in det.schema_.ids if c in pq.read_schema(src).names]
+    owner, n_cols = det.preprocessor_.dim_to_column(), len(det.preprocessor_.spans)
+    vae = det.vae_.eval()
+    layout = ColumnLayout.build(vae, owner, n_cols)
+    schema = output_schema(pq.read_schema(src), ids)
+    writer = pq.ParquetWriter(dst, schema, compression="snappy")
+    rows = 0
+    batches = iter_batches(src, batch_size, columns=ids + features)
+    while True:
+        a = time.perf_counter()
+        batch = next(batches, None)
+        b = time.perf_counter()
+        t["read"] += b - a
+        if batch is None:
+            break
+        X = det._encode(batch)
+        c = time.perf_counter()
+        t["encode"] += c - b
+        col_parts, kl_parts = [], []
+        net = 0.0
+        with torch.inference_mode():
+            for i in range(0, len(X), 16384):
+                x = torch.from_numpy(X[i:i + 16384])
+                n0 = time.perf_counter()
+                mu, logvar = vae.encode(x)
+                params = vae.decode(mu)
+                net += time.perf_counter() - n0
+                col_parts.append(vae.column_nll(x, params, layout).numpy())
+                kl_parts.append(kl_divergence(mu, logvar).sum(1).numpy())
+        d = time.perf_counter()
+        t["network"] += net
+        t["nll_kl"] += (d - c) - net
+        terms = S.scores_from_columns(np.concatenate(col_parts), np.concatenate(kl_parts))
+        flagged = terms.anomaly_score > det.threshold_
+        if flagged.any():
+            column_kl = np.zeros(terms.column_nll.shape)
+            column_kl[flagged] = vae.kl_occlusion(X[flagged], [np.flatnonzero(owner == j) for j in range(n_cols)],
+                                                  det.typical_x_)
+            terms = terms._replace(column_kl=column_kl)
+        table = det.score_table(terms)
+        arrays = [batch.column(c) for c in ids] + [pa.array(table[f.name], type=f.type, from_pandas=True)
+                                                   for f in SCORE_FIELDS]
+        out = pa.RecordBatch.from_arrays(arrays, schema=schema)
+        e = time.perf_counter()
+        t["explanation"] += e - d
+        writer.write_batch(out)
+        t["write"] += time.perf_counter() - e
+        rows += batch.num_rows
+    writer.close()
+    return {"rows": rows, "stage_seconds": t}
+
+
+def child_pyod(train_src: str, src: str, train_rows: int, features: list[str]) -> dict:
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from quality import encode_for_baselines
+    from pyod.models.vae import VAE
+
+    train = pq.read_table(train_src, columns=features).slice(0, train_rows).to_pandas()
+    test = pq.read_table(src, columns=features).to_pandas()
+    for df in (train, test):                      # PyOD takes numbers: timestamps as epoch seconds
+        for c in df.columns:
+            if str(df[c].dtype).startswith("datetime"):
+                df[c] = df[c].astype("int64") / 1e9
+    t0 = time.perf_counter()
+    x_train, x_test = encode_for_baselines(train, test)
+    enc = time.perf_counter() - t0
+    det = VAE(random_state=0, verbose=0, epoch_num=2).fit(x_train[:20_000])
+    t1 = time.perf_counter()
+    det.decision_function(x_test)
+    return {"rows": len(test), "seconds_in_ram": time.perf_counter() - t1, "encode_seconds": enc,
+            "dims": int(x_test.shape[1])}
+
+
+# ------------------------------------------------------------------ running children
+def _run(cmd: list[str]) -> dict:
+    """Run a child under /usr/bin/time (wall, CPU and peak RSS of that process alone, as
+    `time -v` reports them); without /usr/bin/time, from wait4 (peak RSS then includes the RSS
+    this parent had when it forked)."""
+    timed = Path("/usr/bin/time").exists()
+    with tempfile.TemporaryDirectory() as d:
+        rec = Path(d) / "time.txt"
+        full = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(rec), *cmd] if timed else cmd
+        with open(Path(d) / "out", "w+") as out, open(Path(d) / "err", "w+") as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(full, stdout=out, stderr=err, text=True)
+            _, status, ru = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{stderr[-3000:]}")
+        if timed:
+            e, u, s_, m = rec.read_text().split()[-4:]
+            return {"stdout": stdout, "seconds": float(e), "cpu_seconds": float(u) + float(s_),
+                    "peak_rss_mb": int(m) / 1024}
+    return {"stdout": stdout, "seconds": wall, "cpu_seconds": ru.ru_utime + ru.ru_stime,
+            "peak_rss_mb": ru.ru_maxrss / 1024}
+
+
+def _child(step: str, *args: str) -> dict:
+    """A step of this script in a fresh interpreter."""
+    r = _run([sys.executable, str(Path(__file__).resolve()), step, *args])
+    out = json.loads(r.pop("stdout").strip().splitlines()[-1])
+    return {**out, **r}
+
+
+def _cli(model: Path, src: Path, out_dir: Path, *options: str) -> dict:
+    import pyarrow.parquet as pq
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    exe = [str(ENTRY_POINT)] if ENTRY_POINT.exists() else [sys.executable, "-m", "anomaly_vae.cli"]
+    r = _run(exe + ["-q", *options, "score", "-m", str(model), str(src), "-o", str(out_dir)])
+    r.pop("stdout")
+    r["rows"] = pq.read_metadata(out_dir / f"{src.stem}.scored.parquet").num_rows
+    return r
 
 
 # ------------------------------------------------------------------ parent steps
-def generate(path: Path, rows: int) -> float:
-    """Write `rows` demo transactions to `path` chunk by chunk; returns seconds (0 if reused)."""
+def generate(table: str, path: Path, rows: int, width: int) -> None:
+    """Write `rows` rows of a table chunk by chunk (1M-row row groups); reused when present."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anomaly_vae.demo import make_transactions
+    from anomaly_vae.demo import make_transactions, make_wide_transactions
 
     if path.is_file() and pq.read_metadata(path).num_rows == rows:
-        return 0.0
-    t0 = time.perf_counter()
+        return
     tmp = path.with_name(path.name + ".partial")
     writer = None
     try:
         done, seed = 0, 0
         while done < rows:
             n = min(CHUNK_ROWS, rows - done)
-            table = pa.Table.from_pandas(make_transactions(max(n, 1000), seed=seed).head(n),
-                                         preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, compression="snappy")
-            writer.write_table(table.cast(writer.schema))
+            df = make_wide_transactions(n, width=width, seed=seed) if table == "wide" else \
+                make_transactions(max(n, 1000), seed=seed).head(n)
+            t = pa.Table.from_pandas(df, preserve_index=False)
+            writer = writer or pq.ParquetWriter(tmp, t.schema, compression="snappy")
+            writer.write_table(t.cast(writer.schema), row_group_size=CHUNK_ROWS)
             done, seed = done + n, seed + 1
-            print(f"  generated {done:,}/{rows:,} rows", end="\r", flush=True)
         writer.close()
         writer = None
         os.replace(tmp, path)
@@ -159,29 +248,24 @@ def generate(path: Path, rows: int) -> float:
         if writer is not None:
             writer.close()
         tmp.unlink(missing_ok=True)
-    print()
-    return time.perf_counter() - t0
 
 
-def train(src: Path, model_dir: Path, train_rows: int, epochs: int | None, threads: int | None) -> dict:
-    import pyarrow as pa
+def train(table: str, src: Path, model_dir: Path, train_rows: int) -> dict:
+    import pyarrow.parquet as pq
 
-    from anomaly_vae import VAEAnomalyDetector, io
+    from anomaly_vae import VAEAnomalyDetector
     from anomaly_vae.demo import DEMO_EXCLUDE
 
-    batches, n = [], 0
-    for b in io.iter_batches(src, batch_size=min(train_rows, 65536)):
-        batches.append(b)
-        n += b.num_rows
-        if n >= train_rows:
-            break
-    df = pa.Table.from_batches(batches).slice(0, train_rows).to_pandas()
-    det = VAEAnomalyDetector(label="label", exclude=DEMO_EXCLUDE, max_epochs=epochs, random_state=0,
-                             n_threads=threads).fit(df)
-    det.save(model_dir)
-    return {"train_rows": len(df), "epochs": len(det.history_.loss), "fit_seconds": det.fit_seconds_,
-            "n_features": int(det.n_features_in_), "latent_dim": int(det.config_.latent_dim),
-            "hidden": list(det.config_.hidden)}
+    if (model_dir / "manifest.json").exists():
+        det = VAEAnomalyDetector.load(model_dir)
+    else:
+        df = pq.read_table(src).slice(0, train_rows).to_pandas()
+        kw = dict(label="label", exclude=DEMO_EXCLUDE) if table == "demo" else {}
+        det = VAEAnomalyDetector(random_state=0, **kw).fit(df)
+        det.save(model_dir)
+    return {"train_rows": train_rows, "epochs": len(det.history_.loss), "fit_seconds": det.fit_seconds_,
+            "n_features": int(det.n_features_in_), "n_dims": int(det.preprocessor_.n_dims),
+            "latent_dim": int(det.config_.latent_dim), "hidden": list(det.config_.hidden)}
 
 
 def machine() -> dict:
@@ -190,85 +274,133 @@ def machine() -> dict:
 
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "pyarrow": pyarrow.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def bench_table(table: str, args, work: Path) -> dict:
+    rows_list = [int(float(r)) for r in args.rows]
+    name = f"{table}{args.width}" if table == "wide" else table
+    files = {rows: work / f"{name}_{rows}.parquet" for rows in rows_list}
+    generate(table, files[rows_list[0]], rows_list[0], args.width)
+    model = work / f"model_{name}"
+    info = train(table, files[rows_list[0]], model, args.train_rows)
+    print(f"[{name}] model: {info['n_features']} features, {info['n_dims']} dims, hidden {info['hidden']}, "
+          f"latent {info['latent_dim']}, {info['epochs']} epochs", flush=True)
+    from anomaly_vae import VAEAnomalyDetector
+    features = [c.name for c in VAEAnomalyDetector.load(model).schema_.features]
+    runs = []
+    for k, rows in enumerate(rows_list):
+        generate(table, files[rows], rows, args.width)
+        src = str(files[rows])
+        run = {"rows": rows, "input_mb": os.path.getsize(src) / 2**20}
+        run["floor"] = _child("_floor", src, str(work / "copy.parquet"), str(args.batch_size))
+        run["cli"] = _cli(model, files[rows], work / "scored")
+        if k == 0:
+            run["cli_bf16"] = _cli(model, files[rows], work / "scored", "--precision", "bfloat16")
+            run["in_memory"] = _child("_in_memory", str(model), src)
+            run["stages"] = _child("_stages", str(model), src, str(work / "stages.parquet"), str(args.batch_size))
+            if args.pyod:
+                try:
+                    run["pyod"] = _child("_pyod", str(files[rows_list[0]]), src, str(args.train_rows),
+                                         json.dumps(features))
+                except RuntimeError as exc:
+                    print(f"  pyod reference failed: {str(exc)[:300]}", flush=True)
+        for key in ("cli", "cli_bf16", "in_memory", "pyod"):
+            if key in run:
+                sec = run[key].get("seconds_in_ram", run[key]["seconds"])
+                run[key]["rows_per_s"] = rows / sec
+        run["floor"]["rows_per_s"] = rows / run["floor"]["seconds"]
+        run["cli_share_of_floor"] = run["cli"]["rows_per_s"] / run["floor"]["rows_per_s"]
+        runs.append(run)
+        print(f"[{name}] {rows:,} rows: cli {run['cli']['rows_per_s']:,.0f} rows/s "
+              f"({run['cli_share_of_floor']:.0%} of the floor {run['floor']['rows_per_s']:,.0f}), "
+              f"peak RSS {run['cli']['peak_rss_mb']:.0f} MB", flush=True)
+    return {"table": name, "model": info, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rows", nargs="+", default=["1e6"], help="row counts to benchmark, e.g. 1e6 1e7")
-    p.add_argument("--train-rows", type=int, default=50_000)
-    p.add_argument("--epochs", type=int, default=10, help="max training epochs (0 = automatic)")
+    p.add_argument("--tables", nargs="+", default=["demo", "wide"], choices=["demo", "wide"])
+    p.add_argument("--width", type=int, default=20, help="columns of the wide table")
+    p.add_argument("--rows", nargs="+", default=["1e6"], help="row counts, e.g. 1e6 1e7")
+    p.add_argument("--train-rows", type=int, default=100_000)
     p.add_argument("--batch-size", type=int, default=65536)
-    p.add_argument("--threads", type=int, default=None, help="torch threads for training and scoring (default: 1 for scoring, as the CLI; the detector's rule for training)")
-    p.add_argument("--workdir", type=Path, default=None, help="where data/model/outputs go (default: a temp dir)")
-    p.add_argument("--keep-files", action="store_true", help="keep the workdir (always kept if --workdir)")
-    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--pyod", action=argparse.BooleanOptionalAction, default=True,
+                   help="PyOD VAE reference (needs the bench extra)")
+    p.add_argument("--workdir", type=Path, default=None, help="data/models/outputs (default: a temp dir)")
+    p.add_argument("--results", type=Path, default=RESULTS_DIR / "throughput.json")
     args = p.parse_args(argv)
 
-    rows_list = [int(float(r)) for r in args.rows]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="anomaly-vae-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
     info = machine()
-    print(f"workdir {work}; {info['cpu_count']} cpus, load {info['load_avg_start']}")
+    print(f"workdir {work}; {info['cpu_count']} cpus ({info['cpu_capability']}), load {info['load_avg_start']}")
     try:
-        first = work / f"transactions_{rows_list[0]}.parquet"
-        gen_s = generate(first, rows_list[0])
-        print(f"data: {first} ({os.path.getsize(first) / 2**20:.1f} MiB, generated in {gen_s:.0f} s)")
-        model_dir = work / "model"
-        t = train(first, model_dir, args.train_rows, args.epochs or None, args.threads)
-        print(f"model: {t['train_rows']:,} rows, {t['epochs']} epochs in {t['fit_seconds']:.1f} s, "
-              f"{t['n_features']} features, latent {t['latent_dim']}, hidden {t['hidden']}")
-        runs = []
-        for rows in rows_list:
-            src = work / f"transactions_{rows}.parquet"
-            generate(src, rows)
-            common = ["--src", str(src), "--batch-size", str(args.batch_size)]
-            score = _run_child(["_score", "--model", str(model_dir), "--dst", str(work / "scored.parquet"),
-                                *common] + (["--threads", str(args.threads)] if args.threads else []))
-            floor = _run_child(["_floor", "--dst", str(work / "copy.parquet"), *common])
-            runs.append({"rows": rows, "input_mb": os.path.getsize(src) / 2**20, "score": score,
-                         "io_floor": floor, "score_over_floor_time": score["seconds"] / floor["seconds"]})
-            print(f"  {rows:,} rows: score {score['rows_per_s']:,.0f} rows/s, floor {floor['rows_per_s']:,.0f} rows/s")
+        tables = [bench_table(t, args, work) for t in args.tables]
         info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-        result = {"machine": info, "batch_size": args.batch_size, "model": t, "runs": runs,
+        result = {"machine": info, "batch_size": args.batch_size, "tables": tables,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(result, indent=1))
-        _table(runs)
-        print(f"results: {args.results}")
+        rows = flat_rows(tables)
+        with open(args.results.with_suffix(".csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print_table(rows)
+        print_stages(tables)
+        print(f"results: {args.results} and {args.results.with_suffix('.csv')}")
     finally:
-        if args.workdir is None and not args.keep_files:
+        if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def _table(runs: list[dict]) -> None:
-    """Peak RSS is shown as total (growth over the process's RSS just before the step)."""
-    head = (f"{'rows':>12} {'input MiB':>9} | {'score s':>8} {'rows/s':>10} {'peak RSS MiB':>14} | "
-            f"{'floor s':>7} {'rows/s':>11} {'peak RSS MiB':>14} | {'score/floor':>11}")
+def flat_rows(tables: list[dict]) -> list[dict]:
+    out = []
+    for t in tables:
+        for r in t["runs"]:
+            floor = r["floor"]["rows_per_s"]
+            for key in ("floor", "cli", "cli_bf16", "in_memory", "pyod"):
+                if key not in r:
+                    continue
+                m = r[key]
+                out.append({"table": t["table"], "rows": r["rows"], "measurement": key,
+                            "seconds": round(m.get("seconds_in_ram", m["seconds"]), 3),
+                            "rows_per_s": round(m["rows_per_s"]), "share_of_floor": round(m["rows_per_s"] / floor, 3),
+                            "cpu_seconds": round(m["cpu_seconds"], 2), "peak_rss_mb": round(m["peak_rss_mb"])})
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'table':<8} {'rows':>11} {'measurement':<10} {'s':>8} {'rows/s':>10} {'/floor':>7} {'CPU s':>7} {'peak RSS MB':>11}"
     print(head)
     print("-" * len(head))
-    for r in runs:
-        s, f = r["score"], r["io_floor"]
-        srss = f"{s['peak_rss_mb']:.0f} (+{s['peak_rss_mb'] - s['baseline_rss_mb']:.0f})"
-        frss = f"{f['peak_rss_mb']:.0f} (+{f['peak_rss_mb'] - f['baseline_rss_mb']:.0f})"
-        print(f"{r['rows']:>12,} {r['input_mb']:>9.1f} | {s['seconds']:>8.1f} {s['rows_per_s']:>10,.0f} "
-              f"{srss:>14} | {f['seconds']:>7.1f} {f['rows_per_s']:>11,.0f} "
-              f"{frss:>14} | {r['score_over_floor_time']:>10.1f}x")
+    for r in rows:
+        print(f"{r['table']:<8} {r['rows']:>11,} {r['measurement']:<10} {r['seconds']:>8.2f} {r['rows_per_s']:>10,} "
+              f"{r['share_of_floor']:>6.0%} {r['cpu_seconds']:>7.1f} {r['peak_rss_mb']:>11,}")
+
+
+def print_stages(tables: list[dict]) -> None:
+    for t in tables:
+        st = t["runs"][0].get("stages")
+        if st:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in st["stage_seconds"].items())
+            print(f"stages [{t['table']}, {st['rows']:,} rows, one thread, seconds]: {parts}")
 
 
 def _child_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("step", choices=["_score", "_floor"])
-    p.add_argument("--model")
-    p.add_argument("--src", required=True)
-    p.add_argument("--dst", required=True)
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--threads", type=int, default=None)
-    a = p.parse_args(argv)
-    out = (child_score(a.model, a.src, a.dst, a.batch_size, a.threads) if a.step == "_score"
-           else child_floor(a.src, a.dst, a.batch_size))
+    step, *a = argv
+    if step == "_floor":
+        out = child_floor(a[0], a[1], int(a[2]))
+    elif step == "_in_memory":
+        out = child_in_memory(a[0], a[1])
+    elif step == "_stages":
+        out = child_stages(a[0], a[1], a[2], int(a[3]))
+    else:
+        out = child_pyod(a[0], a[1], int(a[2]), json.loads(a[3]))
     print(json.dumps(out))
     return 0
 
