@@ -7,18 +7,20 @@ the model and every input's outcome and makes a run resumable.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from .errors import AnomalyVAEError, DataError, SchemaMismatchError
+from .errors import AnomalyVAEError, DataError, LockedError, SchemaMismatchError
 from . import io
 from .io import (MANIFEST, _is_csv, _one_line, count_rows, input_schema, iter_batches, prefetch,
                  remove_stale_temps, write_stream)
@@ -40,6 +42,7 @@ SCORE_COLUMNS = tuple(f.name for f in SCORE_FIELDS)
 MANIFEST_FORMAT = "anomaly-vae-scores"
 OUTPUT_SUFFIX = ".scored.parquet"
 SUCCESS = "_SUCCESS"            # written last, when every input of a run is scored
+LOCK_FILE = "_score.lock"       # held by the run writing into a (local) output directory
 
 
 # ------------------------------------------------------------------ scoring
@@ -291,61 +294,164 @@ def _fingerprint(src: io.Location) -> dict[str, Any]:
     return io.fingerprint(src)
 
 
-def is_done(entry: dict[str, Any] | None, src: io.Location) -> bool:
-    """A manifest entry marks `src` finished: status done, output present with the recorded
-    row count, and the input unchanged since (size and mtime)."""
+def _same_file(recorded: str | None, path: io.Location) -> bool:
+    """Whether a manifest's recorded output path names `path` (older manifests hold a local
+    path as typed: relative to the cwd of that run)."""
+    return bool(recorded) and io.canonical(recorded) == io.canonical(path)
+
+
+def _output_name(dst: io.Location) -> str:
+    """How an entry records its output: an absolute local path (any later cwd finds it), or the URI."""
+    return os.path.abspath(dst) if isinstance(dst, Path) else str(dst)
+
+
+def model_digest(det: "VAEAnomalyDetector") -> str:
+    """sha256 of what decides a fitted model's scores: schema, preprocessing, config, threshold,
+    calibration and weights. The same for a model before saving, after loading and through
+    MLflow; different after a retrain with another seed or data. Identifies the model in a
+    scoring manifest, so `--resume` cannot mix two models' scores."""
+    h = hashlib.sha256()
+    meta = {"schema": det.schema_.to_dict(), "preprocess": det.preprocessor_.to_dict(),
+            "config": det.config_.to_dict(), "threshold": float(det.threshold_)}
+    h.update(json.dumps(meta, sort_keys=True, default=str, allow_nan=True).encode())
+    for name in ("calibration_scores_", "column_median_", "typical_x_"):
+        value = getattr(det, name, None)
+        h.update(name.encode() + (b"-" if value is None else np.ascontiguousarray(value).tobytes()))
+    for key, tensor in sorted(det.vae_.state_dict().items()):
+        h.update(key.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def is_done(entry: dict[str, Any] | None, src: io.Location, dst: io.Location | None = None,
+            model_sha256: str | None = None) -> bool:
+    """A manifest entry marks `src` finished: status done, output present (at `dst`, when given,
+    however the path was typed) with the recorded row count, written by the model with
+    `model_sha256` (when given), and the input unchanged since (size and mtime)."""
     if not entry or entry.get("status") != "done":
         return False
+    if model_sha256 is not None and entry.get("model_sha256") not in (None, model_sha256):
+        return False
     out = entry.get("output") or ""
+    if dst is not None and not _same_file(out, dst):
+        return False
     if not out or not io.is_file(out) or count_rows(out) != entry.get("rows_out"):
         return False
     fp = _fingerprint(src)
     return entry.get("input_size") == fp["size"] and entry.get("input_mtime") == fp["mtime"]
 
 
+@contextmanager
+def output_lock(out_dir: io.Location, *, wait: bool = False, timeout: float = 3600.0) -> Iterator[None]:
+    """Hold `OUT/_score.lock` (filelock) while a run writes into local folder `out_dir`: a second
+    run into the same folder raises LockedError at once, or with `wait` after up to `timeout`
+    seconds. The OS drops the lock when the holder dies (SIGKILL included). Object stores have
+    no locks: nothing is held there (one writer per prefix is the caller's job)."""
+    if not isinstance(out_dir, Path):
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    path = out_dir / LOCK_FILE
+    lock = FileLock(str(path), timeout=timeout if wait else 0)
+    try:
+        lock.acquire()
+    except Timeout:
+        what = f"gave up after waiting {timeout:g} s" if wait else "try again later or pass --wait"
+        raise LockedError(f"{out_dir}: another `score` run is writing into this output directory "
+                          f"(lock {path}); {what}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _previous_manifest(out_dir: io.Location, resume: bool) -> dict[str, Any] | None:
+    """The manifest already in `out_dir`. With `resume` an unreadable one is an error; without,
+    it is replaced (with a warning), since nothing is skipped on its word."""
+    try:
+        return read_manifest(out_dir)
+    except DataError as exc:
+        if resume:
+            raise
+        log.warning("%s; starting a new manifest", exc)
+        return None
+
+
+def _check_same_model(where: io.Location, before: dict[str, Any], model: dict[str, Any]) -> None:
+    """DataError unless the manifest's model is the one scoring now (by content)."""
+    if before.get("sha256") is None:      # manifest of an older version: only a registry version is safe
+        if before.get("version") is not None and (before.get("uri"), before.get("version")) == (
+                model["uri"], model["version"]):
+            return
+        raise DataError(f"{where}: written without a model fingerprint (older anomaly-vae) by "
+                        f"{before.get('uri')}; cannot check that {model['uri']} is the same model: use "
+                        "another --output directory or drop --resume to rescore every input")
+    if before["sha256"] != model["sha256"]:
+        raise DataError(f"{where}: written by another model ({before.get('uri')}, sha256 "
+                        f"{before['sha256'][:12]}) than {model['uri']} (sha256 {model['sha256'][:12]}); the "
+                        "model changed since that run (retrained or replaced), and resuming would mix two "
+                        "models' scores: use another --output directory, or drop --resume to rescore "
+                        "every input with this model")
+
+
 def score_files(det: "VAEAnomalyDetector", inputs: Sequence[io.Location], out_dir: str | os.PathLike, *,
                 model_info: dict[str, Any] | None = None, keep: str = "ids", batch_size: int = 65536,
                 resume: bool = False, progress: bool = False, keep_going: bool = False,
-                roots: Sequence[io.Location] | None = None) -> dict[str, Any]:
+                roots: Sequence[io.Location] | None = None, wait: bool = False,
+                wait_timeout: float = 3600.0) -> dict[str, Any]:
     """Score every input to OUT/<path below its root>/<stem>.scored.parquet (`output_paths`;
     roots default to each input's folder), keeping `_manifest.json` up to date; warnings go to
     each file's entry.
 
-    With `resume`, inputs that the manifest marks done (and whose output is intact) are
-    skipped; the manifest must come from the same model. Stops at the first failing input
-    (recorded as failed) and re-raises its error; with `keep_going`, an input with bad data
-    (AnomalyVAEError) is recorded as failed and the others are scored: the summary counts them
-    ("failed") and lists their one-line errors ("failures"); the caller decides the exit code.
+    One run at a time per local output directory (`output_lock`): another one raises
+    LockedError, or with `wait` waits for it. Entries of earlier runs stay in the manifest;
+    each entry records the model (`model_digest`) that wrote it. With `resume`, inputs that the
+    manifest marks done (and whose output is intact) are skipped; the manifest must come from
+    the same model (by content), else DataError. Stops at the first failing input (recorded as
+    failed) and raises its error; any failure inside one input (also an unexpected one, then
+    wrapped in a DataError naming the file) is an AnomalyVAEError. With `keep_going` a failed
+    input is recorded and the others are scored: the summary counts them ("failed") and lists
+    their one-line errors ("failures"); the caller decides the exit code.
     Returns the manifest plus a "summary" dict.
     """
-    from tqdm.auto import tqdm
-
     out_dir = io.location(out_dir)
     io.makedirs(out_dir)
+    targets = output_paths(inputs, out_dir, roots)
+    with output_lock(out_dir, wait=wait, timeout=wait_timeout):
+        return _score_files_locked(det, list(inputs), targets, out_dir, model_info=model_info, keep=keep,
+                                   batch_size=batch_size, resume=resume, progress=progress,
+                                   keep_going=keep_going)
+
+
+def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], targets: list[io.Location],
+                        out_dir: io.Location, *, model_info: dict[str, Any] | None, keep: str,
+                        batch_size: int, resume: bool, progress: bool, keep_going: bool) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     stale = remove_stale_temps(out_dir)
     if stale:
         log.info("removed %d stale temporary file(s) from an interrupted run", len(stale))
-    targets = output_paths(inputs, out_dir, roots)
+    where = io.join(out_dir, MANIFEST)
     model = {k: (model_info or {}).get(k) for k in ("uri", "name", "version", "run_id")}
-    previous = read_manifest(out_dir) if resume else None
-    if previous is not None:
-        before = previous.get("model") or {}
-        if (before.get("uri"), before.get("version")) != (model["uri"], model["version"]):
-            raise DataError(f"{io.join(out_dir, MANIFEST)}: written by model {before.get('uri')} (version "
-                            f"{before.get('version')}), not {model['uri']} (version {model['version']}); "
-                            "use another --output directory or drop --resume")
-    owner = {e.get("output"): key for key, e in (previous or {}).get("files", {}).items()
-             if e.get("status") == "done"}
+    model["sha256"] = digest = model_digest(det)
+    previous = _previous_manifest(out_dir, resume)
+    if resume and previous is not None:
+        _check_same_model(where, previous.get("model") or {}, model)
+    files = dict((previous or {}).get("files", {}))
     for src, dst in zip(inputs, targets):     # refuse before writing anything
-        other = owner.get(str(dst))
-        if other is not None and other != _input_key(src):
-            raise DataError(f"{dst}: already holds the scores of {other} ({io.join(out_dir, MANIFEST)}); scoring "
-                            f"{src} there would overwrite them: use another --output directory")
+        key = _input_key(src)
+        for other, e in list(files.items()):
+            if other == key or e.get("status") != "done" or not _same_file(e.get("output"), dst):
+                continue
+            if resume:
+                raise DataError(f"{dst}: already holds the scores of {other} ({where}); scoring "
+                                f"{src} there would overwrite them: use another --output directory")
+            log.warning("%s: overwriting the scores of %s with those of %s", dst, other, src)
+            del files[other]
     manifest = {
         "format": MANIFEST_FORMAT, "version": 1, "model": model,
         "threshold": float(det.threshold_), "keep": keep, "batch_size": batch_size,
-        "created": (previous or {}).get("created", _now()), "updated": _now(),
-        "files": dict((previous or {}).get("files", {})),
+        "created": (previous or {}).get("created", _now()), "updated": _now(), "files": files,
     }
     summary = {"files": len(inputs), "scored": 0, "skipped": 0, "failed": 0, "failures": [], "rows": 0,
                "flagged": 0, "seconds": 0.0}
@@ -355,31 +461,41 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[io.Location], out_di
     try:
         for src, dst in zip(inputs, targets):
             key = _input_key(src)
-            if resume and is_done(manifest["files"].get(key), src):
+            if resume and is_done(files.get(key), src, dst, digest):
                 summary["skipped"] += 1
                 file_bar.update(1)
                 continue
-            fp = _fingerprint(src)
-            entry = {"input": str(src), "output": str(dst), "status": "running", "started": _now(),
-                     "input_size": fp["size"], "input_mtime": fp["mtime"]}
-            manifest["files"][key] = entry
-            write_manifest(out_dir, manifest)
-            bar = tqdm(total=count_rows(src), desc=io.basename(src), unit="row", unit_scale=True,
-                       leave=False, disable=not progress)
+            entry = {"input": str(src), "output": _output_name(dst), "status": "running",
+                     "started": _now(), "model_sha256": digest}
+            files[key] = entry
+            bar = None
             try:
-                stats = score_file(det, src, dst, keep=keep, batch_size=batch_size, progress=bar.update)
-            except BaseException as exc:
-                entry.update(status="failed", error=_one_line(exc), finished=_now())
+                fp = _fingerprint(src)
+                entry.update(input_size=fp["size"], input_mtime=fp["mtime"])
                 write_manifest(out_dir, manifest)
-                if not (keep_going and isinstance(exc, AnomalyVAEError)):
-                    raise
-                log.error("%s", _one_line(exc))
-                summary["failures"].append(_one_line(exc))
+                bar = tqdm(total=count_rows(src), desc=io.basename(src), unit="row", unit_scale=True,
+                           leave=False, disable=not progress)
+                stats = score_file(det, src, dst, keep=keep, batch_size=batch_size, progress=bar.update)
+            except Exception as exc:  # noqa: BLE001 - one input's failure, whatever it is, is that input's
+                err = exc if isinstance(exc, AnomalyVAEError) else _unexpected(src, exc)
+                entry.update(status="failed", error=_one_line(err), finished=_now())
+                write_manifest(out_dir, manifest)
+                if not keep_going:
+                    if err is exc:
+                        raise
+                    raise err from exc
+                log.error("%s", _one_line(err))
+                summary["failures"].append(_one_line(err))
                 summary["failed"] += 1
                 file_bar.update(1)
                 continue
+            except BaseException as exc:         # KeyboardInterrupt: record, then stop
+                entry.update(status="failed", error=_one_line(exc), finished=_now())
+                write_manifest(out_dir, manifest)
+                raise
             finally:
-                bar.close()
+                if bar is not None:
+                    bar.close()
             entry.update({k: stats[k] for k in ("rows_in", "rows_out", "flagged", "seconds")},
                          status="done", finished=_now())
             if stats["warnings"]:
@@ -394,6 +510,14 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[io.Location], out_di
     if not summary["failed"]:                 # published last: every output and the manifest are in place
         io.write_bytes(io.join(out_dir, SUCCESS), b"")
     return {**manifest, "summary": summary}
+
+
+def _unexpected(src: io.Location, exc: BaseException) -> DataError:
+    """An error inside one input that is not ours (a library's ValueError on odd data, an
+    OSError on a vanished file) as a DataError naming the file; the cause keeps the traceback."""
+    log.debug("unexpected error while scoring %s", src, exc_info=exc)
+    return DataError(f"{src}: cannot score this file: {type(exc).__name__}: {_one_line(exc)} "
+                     "(run with --debug for the traceback)")
 
 
 def _now() -> str:

@@ -24,3 +24,8 @@ class ModelNotFoundError(AnomalyVAEError, LookupError):
 
 class ModelFormatError(AnomalyVAEError, ValueError):
     """A saved model is corrupt, tampered with, or of an unknown format version."""
+
+
+class LockedError(AnomalyVAEError):
+    """Another run holds the lock (another `score` into the same output directory, another
+    `retrain` of the same model); the CLI exits 3."""

@@ -532,13 +532,31 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
 
 # ------------------------------------------------------------------ writing
 def temp_path(dst: str | os.PathLike) -> Location:
-    """Hidden temporary name beside `dst` (cleaned up by `remove_stale_temps`)."""
-    return join(parent(dst), f".{basename(dst)}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+    """Hidden temporary name beside `dst`, holding the writer's pid (cleaned up by
+    `remove_stale_temps` once that process is gone)."""
+    return join(parent(dst), f".{basename(dst)}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that named temporary `name` still runs on this machine (names
+    without a pid, from older versions, count as stale). A reused pid keeps a stale file:
+    safe, never destructive."""
+    m = re.search(rf"{re.escape(_TMP_MARK)}(\d+)-[0-9a-f]{{8}}$", name)
+    if not m:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 def remove_stale_temps(out_dir: str | os.PathLike) -> list[Location]:
     """Delete temporaries left by a killed run in `out_dir` and its subdirectories (on any
-    filesystem); returns what was removed."""
+    filesystem); returns what was removed. Temporaries of a process that still runs (another
+    live run, e.g. one writing into a subdirectory) are never touched."""
     out_dir = location(out_dir)
     if file_type(out_dir) != pafs.FileType.Directory:
         return []
@@ -546,7 +564,7 @@ def remove_stale_temps(out_dir: str | os.PathLike) -> list[Location]:
     removed = []
     for rel in _listing(out_dir):
         name = posixpath.basename(rel)
-        if name.startswith(".") and _TMP_MARK in name:
+        if name.startswith(".") and _TMP_MARK in name and not _writer_alive(name):
             stale = join(out_dir, rel)
             try:
                 fs.delete_file(filesystem(stale)[1])

@@ -20,15 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
-from anomaly_vae.errors import AnomalyVAEError, ConfigError, DataError
+from anomaly_vae.errors import ConfigError, DataError, LockedError  # noqa: F401 (LockedError re-exported)
 from anomaly_vae.io import expand_inputs
 
 log = logging.getLogger(__name__)
 _DATE = re.compile(r"(?<!\d)(\d{4})-?(\d{2})-?(\d{2})(?!\d)")
-
-
-class LockedError(AnomalyVAEError):
-    """Another retrain of the same model holds the lock."""
 
 
 class Partition(NamedTuple):

@@ -1,6 +1,7 @@
 """anomaly_vae.batch: streaming score_file / score_files, outputs, manifest, resume, encode_files."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -240,7 +241,7 @@ def test_score_files_manifest_and_resume(tmp_path, fitted, scored_rows):
     res = batch.score_files(fitted, inputs, out, model_info=info, batch_size=64)
     assert res["summary"] == {**res["summary"], "files": 3, "scored": 3, "skipped": 0, "rows": 600}
     man = json.loads((out / batch.MANIFEST).read_text())
-    assert man["model"] == info and man["format"] == batch.MANIFEST_FORMAT
+    assert man["model"] == {**info, "sha256": batch.model_digest(fitted)} and man["format"] == batch.MANIFEST_FORMAT
     assert {e["status"] for e in man["files"].values()} == {"done"}
     assert sum(e["rows_out"] for e in man["files"].values()) == 600
 
@@ -256,9 +257,15 @@ def test_score_files_manifest_and_resume(tmp_path, fitted, scored_rows):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-[01].scored.parquet")} == \
         {k: v for k, v in mtimes.items() if k != "part-2.scored.parquet"}
 
-    other = {**info, "uri": "models:/m/2", "version": 2}
-    with pytest.raises(DataError, match="written by model models:/m/1"):
-        batch.score_files(fitted, inputs, out, model_info=other, resume=True)
+    # the model is identified by content: the same model under another URI resumes ...
+    other = {**info, "uri": "models:/m@champion", "version": None}
+    assert batch.score_files(fitted, inputs, out, model_info=other, resume=True)["summary"]["skipped"] == 3
+    # ... another model (here: another threshold) under the same URI is refused
+    changed = copy.deepcopy(fitted)
+    changed.threshold_ += 1.0
+    with pytest.raises(DataError, match=r"written by another model \(models:/m@champion, sha256 .*the model "
+                                        r"changed since that run.*drop --resume"):
+        batch.score_files(changed, inputs, out, model_info=info, resume=True)
     # same base name in two folders: given through their common folder, outputs keep the folders
     (tmp_path / "again").mkdir()
     scored_rows.head(5).to_parquet(tmp_path / "again" / "part-0.parquet", index=False)

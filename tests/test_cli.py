@@ -192,7 +192,7 @@ def test_score_hive_layout_keeps_partition_folders(data, model_dir, tmp_path):
     # a flat directory still gives flat names (no collision)
     run("-q", "score", "-m", model_dir, data["incoming"], "-o", tmp_path / "flat")
     assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == \
-        ["_SUCCESS", "_manifest.json"] + [f"part-{i}.scored.parquet" for i in range(3)]
+        ["_SUCCESS", "_manifest.json", "_score.lock"] + [f"part-{i}.scored.parquet" for i in range(3)]
 
 
 def test_score_warns_on_missing_id_column_and_empty_inputs(data, model_dir, tmp_path):

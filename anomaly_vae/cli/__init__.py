@@ -37,8 +37,8 @@ def main(ctx: click.Context, quiet: bool, debug: bool, tracking_uri: str | None,
       anomaly-vae models promote payments 1 --alias champion
       anomaly-vae score -m models:/payments@champion incoming/ -o scored/
 
-    Exit codes: 0 ok, 2 usage error or bad input, 1 internal error; retrain also 3 (another
-    retrain holds the lock).
+    Exit codes: 0 ok, 2 usage error or bad input, 1 internal error, 3 locked out by another
+    run (a score into the same output directory, a retrain of the same model).
     """
     _setup_logging(quiet, debug)
     ctx.obj = State(quiet=quiet, debug=debug, tracking_uri=tracking_uri, threads=threads, device=device,

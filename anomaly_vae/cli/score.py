@@ -23,9 +23,13 @@ from .state import State, _model_option, pass_state
 @click.option("--resume", is_flag=True, help="Skip inputs the manifest marks done (after an interrupted run).")
 @click.option("--keep-going", "-k", is_flag=True,
               help="On an input with bad data, record it as failed and score the others; exit 2 at the end.")
+@click.option("--wait", is_flag=True,
+              help="If another score run is writing into OUTPUT, wait for it instead of exiting 3.")
+@click.option("--wait-timeout", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+              help="Seconds to wait for the other run with --wait.")
 @pass_state
 def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: str, batch_size: int,
-          resume: bool, keep_going: bool) -> None:
+          resume: bool, keep_going: bool, wait: bool, wait_timeout: float) -> None:
     """Score INPUTS (parquet/CSV files, directories searched recursively, or globs) in
     streamed batches.
 
@@ -38,6 +42,8 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
 
     A bad input stops the run (finished outputs are kept); with --keep-going the other inputs
     are scored first, and the exit code is still 2. Nightly jobs: --resume --keep-going.
+    --resume refuses (exit 2) when the model changed since the manifest was written. One run at
+    a time per OUTPUT: a second one exits 3 at once (or waits, with --wait).
 
     An id column of the model missing from an input, or an input with no rows, is a warning
     (on stderr unless -q, and in the file's _manifest.json entry), not an error: the file is still scored,
@@ -56,7 +62,8 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
     t0 = time.perf_counter()
     result = batch.score_files(det, [f for f, _ in pairs], output, model_info=info, keep=keep,
                                batch_size=batch_size, resume=resume, progress=state.progress,
-                               keep_going=keep_going, roots=[r for _, r in pairs])
+                               keep_going=keep_going, roots=[r for _, r in pairs], wait=wait,
+                               wait_timeout=wait_timeout)
     wall = time.perf_counter() - t0
     s = result["summary"]
     rate = s["rows"] / wall if wall > 0 else 0.0

@@ -20,10 +20,10 @@ from typing import Any, Iterator
 
 import click
 
-from ..errors import AnomalyVAEError, DataError, ModelNotFoundError
+from ..errors import AnomalyVAEError, DataError, LockedError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
-USER_ERROR, INTERNAL_ERROR = 2, 1
+USER_ERROR, INTERNAL_ERROR, LOCKED = 2, 1, 3
 SCORING_THREADS = 1
 # MLflow error codes that mean "you asked for something that does not exist / is invalid"
 _MLFLOW_USER_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
@@ -40,7 +40,10 @@ class CLIError(click.ClickException):
 
 
 def _to_cli_error(exc: BaseException) -> CLIError:
-    """The one place that decides exit codes: bad input -> 2, anything else -> 1."""
+    """The one place that decides exit codes: locked out by another run -> 3, bad input -> 2,
+    anything else -> 1."""
+    if isinstance(exc, LockedError):
+        return CLIError(str(exc), LOCKED)
     if isinstance(exc, AnomalyVAEError):
         return CLIError(str(exc), USER_ERROR)
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
