@@ -11,6 +11,7 @@ from .errors import ConfigError
 NUMERIC_TRANSFORMS = ("yeo-johnson", "standard", "robust", "signed-log", "quantile")
 SCORE_METHODS = ("elbo", "recon", "iwae")
 PRECISIONS = ("float32", "bfloat16")
+OBJECTIVES = ("elbo", "masked", "ae")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,7 +24,12 @@ class Config:
     var_floor: float = 1e-2           # lower bound on a numeric feature's decoded variance
     heteroscedastic: bool = False     # decoder variance depends on z (True) or is one per feature
     dropout: float = 0.0
-    # objective
+    # objective: "elbo" (VAE), "masked" (masked-cell VAE: hidden cells predicted from the
+    # visible ones, scored as conditional per-column terms), "ae" (plain autoencoder: z = mu, no KL)
+    objective: str = "elbo"
+    mask_fraction: float = 0.25       # masked: fraction of columns hidden per row (train and score)
+    mask_rounds: int = 1              # masked: scoring partitions; each hides every column once
+    swap_noise: float = 0.0           # denoising: probability a cell is swapped with another row's
     beta: float = 1.0
     kl_warmup: float = 0.25           # fraction of epochs over which beta ramps from 0 to beta
     free_bits: float = 0.0            # nats per latent dim below which KL is not penalised
@@ -70,7 +76,7 @@ class Config:
         for name in ("beta", "free_bits", "input_noise", "weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "expected >= 0")
-        for name in ("kl_warmup", "dropout"):
+        for name in ("kl_warmup", "dropout", "swap_noise"):
             if not 0 <= getattr(self, name) < 1:
                 raise bad(name, "expected a fraction in [0, 1)")
         if not 0 < self.target_fpr < 1:
@@ -84,7 +90,7 @@ class Config:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise bad(name, "expected None or a positive integer")
         for name in ("step_budget", "patience", "max_categories", "min_category_count",
-                     "n_importance_samples", "top_k"):
+                     "n_importance_samples", "top_k", "mask_rounds"):
             if getattr(self, name) < 1:
                 raise bad(name, "expected a positive integer")
         if self.numeric_transform not in NUMERIC_TRANSFORMS:
@@ -95,6 +101,13 @@ class Config:
             raise bad("precision", f"expected one of {PRECISIONS}")
         if self.score_method not in SCORE_METHODS:
             raise bad("score_method", f"expected one of {SCORE_METHODS}")
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", f"expected one of {OBJECTIVES}")
+        if not 0 < self.mask_fraction < 1:
+            raise bad("mask_fraction", "expected a fraction in (0, 1)")
+        if self.objective != "elbo" and self.score_method == "iwae":
+            raise bad("score_method", f"'iwae' estimates -log p(x) of the ELBO model; with objective "
+                                      f"'{self.objective}' use 'elbo' or 'recon'")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":

@@ -39,7 +39,8 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
     """
 
     def __init__(self, *, latent_dim: int | None = None, hidden: tuple[int, ...] | None = None,
-                 beta: float = 1.0, kl_warmup: float = 0.25, free_bits: float = 0.0,
+                 objective: str = "elbo", mask_fraction: float = 0.25, mask_rounds: int = 1,
+                 swap_noise: float = 0.0, beta: float = 1.0, kl_warmup: float = 0.25, free_bits: float = 0.0,
                  input_noise: float = 0.0, var_floor: float = 1e-2, heteroscedastic: bool = False,
                  dropout: float = 0.0,
                  lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int | None = None,
@@ -56,6 +57,10 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
                  verbose: bool = False) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
+        self.objective = objective
+        self.mask_fraction = mask_fraction
+        self.mask_rounds = mask_rounds
+        self.swap_noise = swap_noise
         self.beta = beta
         self.kl_warmup = kl_warmup
         self.free_bits = free_bits
@@ -127,7 +132,8 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         torch.manual_seed(self.config_.seed)
         self.vae_ = VAE.from_config(self.preprocessor_, self.config_).to(resolve_device(self.config_.device))
         self.history_: History = fit_vae(self.vae_, X_all[train_idx], X_all[val_idx] if len(val_idx) else None,
-                                         self.config_, progress=self.verbose)
+                                         self.config_, progress=self.verbose,
+                                         column_of_dim=self.preprocessor_.dim_to_column())
         self.vae_ = self.vae_.cpu()          # kept (and saved) on the CPU; scoring moves a copy
         torch.set_num_threads(self.config_.n_threads or os.cpu_count() or 1)
         self._calibrate(X_all, train_idx, cal_idx)
@@ -198,16 +204,15 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         n_cols = len(self.preprocessor_.spans)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
-        device = resolve_device(self.device)
-        col_nll, kl = self._vae_on(device).column_terms(X, owner, n_cols, precision=self.precision,
-                                                        device=device)
+        col_nll, kl = self._model_terms(X, owner, n_cols, resolve_device(self.device))
         terms = S.scores_from_columns(col_nll, kl)
         if self.config_.score_method == "recon":
             terms = terms._replace(anomaly_score=terms.recon_nll)
         elif self.config_.score_method == "iwae":
             iw = self.vae_.iwae_nll(X, self.config_.n_importance_samples, seed=self.config_.seed)
             terms = terms._replace(anomaly_score=iw)
-        if not attribute or self.typical_x_ is None:     # calibration runs before a threshold exists
+        if not attribute or self.typical_x_ is None or self.config_.objective == "ae":
+            # calibration runs before a threshold exists; a plain autoencoder has no KL to attribute
             return terms
         flagged = terms.anomaly_score > self.threshold_
         if flagged.any():
@@ -227,6 +232,31 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         if cached is None or cached[0] != device or cached[1] is not self.vae_:
             self._device_vae = (device, self.vae_, copy.deepcopy(self.vae_).to(device))
         return self._device_vae[2]
+
+    def _model_terms(self, X: np.ndarray, owner: np.ndarray, n_cols: int,
+                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        """Per-column NLL (n, n_cols) and KL (n,) the way the objective scores: the ELBO's terms at
+        z = mu; conditional terms under deterministic masks (masked); no KL (plain autoencoder)."""
+        objective = self.config_.objective
+        if objective == "masked":
+            dim_nll, kl = self.vae_.masked_score_terms(X)      # CPU, float32
+            return S.column_nll(dim_nll, owner, n_cols), kl
+        col_nll, kl = self._vae_on(device).column_terms(X, owner, n_cols, precision=self.precision,
+                                                        device=device)
+        return (col_nll, np.zeros_like(kl)) if objective == "ae" else (col_nll, kl)
+
+    def decoder_params(self, X: Any):
+        """Decoder parameters each column was scored with, per row (`masked.DecoderParams`):
+        for objective "masked" those of the masks hiding the column, else those at z = mu."""
+        check_is_fitted(self, "vae_")
+        from .masked import DecoderParams
+        x = self.preprocessor_.encode(self._frame(X))
+        if self.config_.objective == "masked":
+            return self.vae_.masked_score_terms(x, return_params=True)[2]
+        with torch.no_grad():
+            self.vae_.eval()
+            params = self.vae_.decode(self.vae_.encode(torch.from_numpy(x))[0])
+        return DecoderParams(*(p.numpy() for p in params))
 
     def score_terms(self, X: Any) -> S.ScoreTerms:
         """anomaly_score, recon_nll, kl and per-column NLL for each row of X."""

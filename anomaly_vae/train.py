@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config
+from .masked import random_masks
 from .model import VAE, kl_divergence
 
 log = logging.getLogger(__name__)
@@ -49,20 +50,58 @@ def active_units(mu: torch.Tensor) -> int:
     return int((mu.var(0) > ACTIVE_UNIT_VAR).sum()) if len(mu) > 1 else 0
 
 
-def _elbo_terms(vae: VAE, x: torch.Tensor, config: Config, beta: float, noise: torch.Tensor | None):
-    """(loss, recon NLL, KL) averaged over the batch; free bits floor each latent dim's mean KL."""
-    x_in = x if noise is None else x + noise
-    mu, logvar = vae.encode(x_in)
-    z = vae.reparameterize(mu, logvar)
-    recon = vae.dim_nll(x, vae.decode(z)).sum(1).mean()
-    kl_dims = kl_divergence(mu, logvar).mean(0)
+def _elbo_terms(vae: VAE, x: torch.Tensor, config: Config, beta: float, noise: torch.Tensor | None,
+                x_in: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
+    """(loss, recon NLL, KL) averaged over the batch; free bits floor each latent dim's mean KL.
+
+    x_in: corrupted input for denoising (the loss is on the clean x); hidden (n, n_columns):
+    masked objective (NLL of the hidden cells given the visible ones); objective "ae": z = mu
+    and no KL in the loss.
+    """
+    x_in = x if x_in is None else x_in
+    x_in = x_in if noise is None else x_in + noise
+    if config.objective == "masked":
+        nll, kl = vae.masked_loss(x, hidden)
+        recon, kl_dims = nll.mean(), kl.mean(0)
+    else:
+        mu, logvar = vae.encode(x_in)
+        z = mu if config.objective == "ae" else vae.reparameterize(mu, logvar)
+        recon = vae.dim_nll(x, vae.decode(z)).sum(1).mean()
+        kl_dims = kl_divergence(mu, logvar).mean(0)
+        if config.objective == "ae":
+            return recon, recon, kl_dims.sum().detach()
     kl_pen = torch.clamp(kl_dims, min=config.free_bits).sum() if config.free_bits else kl_dims.sum()
     return recon + beta * kl_pen, recon, kl_dims.sum()
 
 
+def swap_cells(x: torch.Tensor, owner: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Swap noise: each (row, column) cell is, with probability p, replaced by the same column
+    of a random other row of the batch (all the column's dims at once: value, missing indicator,
+    one-hot block). (n, n_dims) -> (n, n_dims)"""
+    n, n_cols = len(x), int(owner.max()) + 1
+    swap = torch.rand((n, n_cols), generator=gen) < p
+    donor = torch.randint(0, n, (n, n_cols), generator=gen)
+    src_row = torch.where(swap, donor, torch.arange(n)[:, None])[:, owner.cpu()]     # (n, n_dims)
+    return torch.gather(x, 0, src_row.to(x.device))
+
+
+def _validation_terms(vae: VAE, ref: torch.Tensor, config: Config) -> tuple[float, float, torch.Tensor]:
+    """(recon, KL) means on validation rows the way the objective scores them, and mu."""
+    if config.objective == "masked":
+        from .masked import masked_val_terms
+        return masked_val_terms(vae, ref)
+    mu, logvar = vae.encode(ref)
+    v_recon = vae.dim_nll(ref, vae.decode(mu)).sum(1).mean().item()
+    return v_recon, kl_divergence(mu, logvar).mean(0).sum().item(), mu
+
+
 def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Config,
-            *, progress: bool = False) -> History:
-    """Train `vae` in place on X_train; early-stop on X_val's loss (full beta). Returns History."""
+            *, progress: bool = False, column_of_dim: np.ndarray | None = None) -> History:
+    """Train `vae` in place on X_train; early-stop on X_val's loss (full beta). Returns History.
+
+    column_of_dim (n_dims,): the column owning each dim, needed by swap noise (default: each
+    dim its own column).
+    """
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     device = next(vae.parameters()).device          # train where the model lives (CPU or CUDA)
@@ -75,6 +114,9 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     num_mask = torch.zeros(vae.n_dims, device=device)
     num_mask[vae.num_idx] = 1.0
+    owner = torch.as_tensor(column_of_dim if column_of_dim is not None else np.arange(vae.n_dims),
+                            dtype=torch.long)
+    masked = config.objective == "masked"
     hist = History()
     best, best_state, bad_epochs, step = float("inf"), None, 0, 0
     warm_epochs = int(np.ceil(config.kl_warmup * epochs))
@@ -91,7 +133,9 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
             beta = beta_at(step / total_steps, config)
             noise = (torch.randn(xb.shape, generator=gen).to(device) * config.input_noise * num_mask
                      if config.input_noise else None)
-            loss, recon, kl = _elbo_terms(vae, xb, config, beta, noise)
+            x_in = swap_cells(xb, owner, config.swap_noise, gen) if config.swap_noise else None
+            hidden = (random_masks(len(xb), vae.n_columns, vae.n_hidden, gen).to(device) if masked else None)
+            loss, recon, kl = _elbo_terms(vae, xb, config, beta, noise, x_in, hidden)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -105,11 +149,9 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
         vae.eval()
         with torch.no_grad():
             ref = Xv if Xv is not None else X[: min(n, 4096)]
-            mu, logvar = vae.encode(ref)
-            v_recon = vae.dim_nll(ref, vae.decode(mu)).sum(1).mean().item()
-            v_kl = kl_divergence(mu, logvar).mean(0).sum().item()
+            v_recon, v_kl, mu = _validation_terms(vae, ref, config)
             hist.active_units.append(active_units(mu))
-        v_loss = v_recon + config.beta * v_kl
+        v_loss = v_recon + (0.0 if config.objective == "ae" else config.beta) * v_kl
         hist.val_loss.append(v_loss); hist.val_recon_nll.append(v_recon); hist.val_kl.append(v_kl)
         bar.set_postfix(loss=f"{sums[0]:.3f}", val=f"{v_loss:.3f}", au=hist.active_units[-1])
         if not np.isfinite(sums[0]):
