@@ -19,6 +19,7 @@ from .config import PRECISIONS, Config
 from .drift import numeric_fractions
 from .errors import ConfigError, DataError
 from .evaluate import anomaly_mask
+from .masked import build_vae
 from .model import VAE, resolve_device
 from .preprocess import Preprocessor
 from .schema import Schema, as_frame, infer_schema, validate_arrow
@@ -130,7 +131,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         self.config_ = config.resolve(len(train_idx), self.preprocessor_.n_varying_dims)
         torch.set_num_threads(_train_threads(self.config_))
         torch.manual_seed(self.config_.seed)
-        self.vae_ = VAE.from_config(self.preprocessor_, self.config_).to(resolve_device(self.config_.device))
+        self.vae_ = build_vae(self.preprocessor_, self.config_).to(resolve_device(self.config_.device))
         self.history_: History = fit_vae(self.vae_, X_all[train_idx], X_all[val_idx] if len(val_idx) else None,
                                          self.config_, progress=self.verbose,
                                          column_of_dim=self.preprocessor_.dim_to_column())

@@ -169,3 +169,9 @@ def masked_val_terms(vae: MaskedVAE, X: torch.Tensor) -> tuple[float, float, tor
     nll, kl = vae.masked_score_terms(X.cpu().numpy())
     mu, _ = vae.encode(X)
     return float(nll.sum(1).mean()), float(kl.mean()), mu
+
+
+def build_vae(pre, config) -> VAE:
+    """The network for a fitted preprocessor and a resolved Config: a `MaskedVAE` for
+    objective "masked", else a `VAE`."""
+    return (MaskedVAE if config.objective == "masked" else VAE).from_config(pre, config)

@@ -127,10 +127,7 @@ class VAE(nn.Module):
     @classmethod
     def from_config(cls, pre: Preprocessor, config: Config) -> "VAE":
         """The network for a fitted preprocessor's layout and a resolved Config
-        (a `masked.MaskedVAE` for objective "masked")."""
-        if config.objective == "masked" and cls is VAE:
-            from .masked import MaskedVAE
-            return MaskedVAE.from_config(pre, config)
+        (`masked.build_vae` picks the class for the config's objective)."""
         return cls.from_preprocessor(pre, hidden=config.hidden, latent_dim=config.latent_dim,
                                      var_floor=config.var_floor, dropout=config.dropout,
                                      heteroscedastic=config.heteroscedastic)

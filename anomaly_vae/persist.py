@@ -309,7 +309,7 @@ def load_model(path: str | os.PathLike, cls: type) -> Any:
     """A fitted `cls` (VAEAnomalyDetector, passed in so that persist stays below detector) from a
     model saved by `save_model`; every file is hash-checked (and signature-checked when a key is
     configured) and any malformed content is a ModelFormatError naming the file."""
-    from .model import VAE
+    from .masked import build_vae
     from .train import History
 
     root = model_root(path)
@@ -330,7 +330,7 @@ def load_model(path: str | os.PathLike, cls: type) -> Any:
         det.n_features_in_ = len(det.feature_names_in_)
     with _parsing(shown / "preprocess.json"):
         det.preprocessor_ = Preprocessor.from_dict(_json(shown / "preprocess.json", blobs["preprocess.json"]))
-        vae = VAE.from_config(det.preprocessor_, det.config_)
+        vae = build_vae(det.preprocessor_, det.config_)
     with _parsing(shown / "weights.safetensors"):
         vae.load_state_dict(load_tensors(blobs["weights.safetensors"]), strict=True)
         det.vae_ = vae.eval()
