@@ -247,17 +247,13 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         return (col_nll, np.zeros_like(kl)) if objective == "ae" else (col_nll, kl)
 
     def decoder_params(self, X: Any):
-        """Decoder parameters each column was scored with, per row (`masked.DecoderParams`):
+        """Decoder parameters each column was scored with, per row (`model.DecoderParams`):
         for objective "masked" those of the masks hiding the column, else those at z = mu."""
         check_is_fitted(self, "vae_")
-        from .masked import DecoderParams
         x = self.preprocessor_.encode(self._frame(X))
         if self.config_.objective == "masked":
             return self.vae_.masked_score_terms(x, return_params=True)[2]
-        with torch.no_grad():
-            self.vae_.eval()
-            params = self.vae_.decode(self.vae_.encode(torch.from_numpy(x))[0])
-        return DecoderParams(*(p.numpy() for p in params))
+        return self.vae_.score_terms(x, return_params=True)[2]
 
     def score_terms(self, X: Any) -> S.ScoreTerms:
         """anomaly_score, recon_nll, kl and per-column NLL for each row of X."""

@@ -13,25 +13,10 @@ KL term is averaged over all masks, so score = sum of column terms + KL still ho
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import torch
 
-from .model import VAE, kl_divergence
-
-
-class DecoderParams(NamedTuple):
-    """Per-row decoder parameters each column was scored with (taken from the masks that hid it).
-
-    numeric_mean / numeric_logvar: (n, n_numeric_dims); indicator_logit: (n, n_indicator_dims);
-    categorical_logit: (n, n_one_hot_dims), in the layout of `VAE.decode`.
-    """
-
-    numeric_mean: np.ndarray
-    numeric_logvar: np.ndarray
-    indicator_logit: np.ndarray
-    categorical_logit: np.ndarray
+from .model import VAE, DecoderParams, kl_divergence
 
 
 def hidden_per_mask(n_columns: int, mask_fraction: float) -> int:
@@ -120,7 +105,8 @@ class MaskedVAE(VAE):
 
         Returns dim_nll (n, n_dims): each dim's NLL averaged over the masks hiding its column,
         and kl (n,): KL averaged over all masks (so dim_nll.sum(1) + kl is the score); with
-        return_params, also the `DecoderParams` those dims were scored with (averaged likewise).
+        return_params, also the `model.DecoderParams` those dims were scored with (averaged
+        likewise): (nll, kl, params), as `VAE.score_terms` returns them.
         """
         self.eval()
         device = self.owner.device

@@ -52,8 +52,8 @@ def test_a_hidden_column_is_predicted_without_seeing_its_value():
     nll1, _ = vae.masked_score_terms(X)
     nll2, _, p2 = vae.masked_score_terms(X2, return_params=True)
     # column 0's decoder mean comes from the mask hiding it: its own value was not an input
-    np.testing.assert_allclose(p1.numeric_mean[:, 0], p2.numeric_mean[:, 0], rtol=1e-6)
-    assert not np.allclose(p1.numeric_mean[:, 1], p2.numeric_mean[:, 1])  # column 1 sees column 0
+    np.testing.assert_allclose(p1.mean[:, 0], p2.mean[:, 0], rtol=1e-6)
+    assert not np.allclose(p1.mean[:, 1], p2.mean[:, 1])  # column 1 sees column 0
     assert np.all(nll2[:, 0] != nll1[:, 0])
 
 
@@ -140,7 +140,7 @@ def test_masked_detector_flags_a_broken_dependency_and_survives_save_load(masked
     loaded = VAEAnomalyDetector.load(masked_det.save(tmp_path / "m"))
     np.testing.assert_array_equal(loaded.anomaly_score(df), masked_det.anomaly_score(df))
     params = loaded.decoder_params(df.head(5))
-    assert params.numeric_mean.shape == (5, len(loaded.preprocessor_.numeric_dims))
+    assert params.mean.shape == (5, len(loaded.preprocessor_.numeric_dims))
 
 
 def test_plain_autoencoder_has_no_kl_and_its_score_is_the_reconstruction():
