@@ -119,7 +119,7 @@ def masked_det():
 def test_masked_detector_scores_add_up_and_are_deterministic(masked_det):
     df = mixed_frame(300, seed=1)
     terms = masked_det.score_terms(df)
-    np.testing.assert_allclose(terms.column_nll.sum(1) + terms.kl, terms.anomaly_score, rtol=1e-9)
+    np.testing.assert_allclose(terms.column_nll.sum(1, dtype=np.float64) + terms.kl, terms.anomaly_score, rtol=1e-9)
     tab = masked_det.explain(df)
     contrib = masked_det.contributions(df)
     np.testing.assert_allclose(contrib.sum(axis=1) + masked_det.column_median_.sum() + tab.kl,
@@ -148,7 +148,7 @@ def test_plain_autoencoder_has_no_kl_and_its_score_is_the_reconstruction():
     det = VAEAnomalyDetector(objective="ae", **FAST).fit(df)
     terms = det.score_terms(df.head(100))
     assert np.all(terms.kl == 0) and terms.column_kl is None
-    np.testing.assert_allclose(terms.anomaly_score, terms.column_nll.sum(1), rtol=1e-9)
+    np.testing.assert_allclose(terms.anomaly_score, terms.column_nll.sum(1, dtype=np.float64), rtol=1e-9)
     np.testing.assert_array_equal(VAEAnomalyDetector(objective="ae", **FAST).fit(df).anomaly_score(df.head(100)),
                                   terms.anomaly_score)
 
