@@ -199,6 +199,12 @@ def _recoverable(path: Path) -> list[Path]:
     return sorted(found, key=lambda p: ((p / "manifest.json").stat().st_mtime_ns, p.name), reverse=True)
 
 
+def model_exists(path: str | os.PathLike) -> bool:
+    """A model directory is at `path`, or can be recovered beside it (see `model_root`)."""
+    path = Path(path)
+    return (path / "manifest.json").is_file() or (not path.exists() and bool(_recoverable(path)))
+
+
 def _repair(path: Path, version: Path) -> None:
     """Point a missing `path` at `version` again, if no save is running and we may write."""
     try:

@@ -216,11 +216,12 @@ def load_detector(model: str | os.PathLike) -> tuple["VAEAnomalyDetector", dict]
     from mlflow.models import Model
 
     from .detector import VAEAnomalyDetector
+    from .persist import model_exists
 
     text = os.fspath(model)
     if not re.match(r"^[a-z][a-z0-9+.-]*:/", text) or text.startswith("file:"):
         path = Path(text[len("file://"):] if text.startswith("file://") else text)
-        if not path.exists():
+        if not path.exists() and not model_exists(path):
             raise ModelNotFoundError(f"{text}: no such model directory (or use runs:/<run_id>/model, "
                                      "models:/<name>/<version>, models:/<name>@<alias>)")
         det = VAEAnomalyDetector.load(path)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from safetensors.torch import load_file, save_file
@@ -392,3 +393,46 @@ def test_cli_refuses_an_unsigned_model_when_a_key_is_set(fitted, frame, tmp_path
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, "ANOMALY_VAE_SIGNING_KEY": KEY})
     assert r.returncode == 2 and "not signed" in r.stderr and KEY not in r.stderr + r.stdout, r.stderr
+
+
+def test_cli_scores_with_a_model_an_interrupted_save_left_without_its_path(fitted, other_fitted, frame, tmp_path):
+    shutil.copytree(fitted.save(tmp_path / "a"), tmp_path / "models" / ".m.old-1a2b3c4d")
+    data = tmp_path / "in.parquet"
+    frame.head(30).to_parquet(data)
+    entry = os.path.join(os.path.dirname(sys.executable), "anomaly-vae")
+    r = subprocess.run([entry, "score", "-m", str(tmp_path / "models" / "m"), str(data),
+                        "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "interrupted save" in r.stderr
+    scored = pd.read_parquet(tmp_path / "out" / "in.scored.parquet")
+    np.testing.assert_allclose(scored["anomaly_score"], fitted.anomaly_score(frame.head(30)), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_of_train_at_random_moments_leaves_old_or_new_model(frame, tmp_path):
+    """The real CLI: `train -o models/m` over an existing model, SIGKILLed after a random delay
+    (bounded loop, fixed seed); the path always loads, as the old or the new model."""
+    data = tmp_path / "train.parquet"
+    frame.to_parquet(data)
+    entry = os.path.join(os.path.dirname(sys.executable), "anomaly-vae")
+    m = tmp_path / "models" / "m"
+    base = [entry, "-q", "--threads", "1", "train", str(data), "--no-mlflow", "--epochs", "3", "-o", str(m)]
+    subprocess.run(base + ["--seed", "0"], check=True, capture_output=True, timeout=600)
+    old = VAEAnomalyDetector.load(m).threshold_
+    t0 = time.monotonic()
+    subprocess.run(base + ["--seed", "1"], check=True, capture_output=True, timeout=600)
+    full = time.monotonic() - t0
+    new = VAEAnomalyDetector.load(m).threshold_
+    assert old != new
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        seed = i % 2                                       # alternate, so both models are "new" in turn
+        before = VAEAnomalyDetector.load(m).threshold_
+        proc = subprocess.Popen(base + ["--seed", str(seed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5 * full, 1.05 * full))  # most kills land near the end: in the save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        after = VAEAnomalyDetector.load(m).threshold_
+        assert after in (before, (old, new)[seed]), (i, before, after)
+    left = os.listdir(m.parent)
+    assert len([p for p in left if p.startswith(".m.v-")]) <= 3, left

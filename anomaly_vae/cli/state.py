@@ -151,12 +151,14 @@ class State:
     def load_model(self, model: str) -> tuple[Any, dict[str, Any]]:
         """A local model directory (no MLflow needed) or a models:/ or runs:/ URI."""
         from ..detector import VAEAnomalyDetector
+        from ..persist import model_exists
 
         self.set_threads()
         path = Path(model)
-        if path.is_dir():
+        if path.is_dir() or model_exists(path):
             det = VAEAnomalyDetector.load(path)
-            return self.runtime(det), {"uri": str(path.resolve()), "name": None, "version": None,
+            # absolute, but not resolved: a model path is a link to its current version directory
+            return self.runtime(det), {"uri": os.path.abspath(path), "name": None, "version": None,
                                        "run_id": None}
         if ":/" not in model:
             raise ModelNotFoundError(f"{model}: no such model directory (and not a models:/NAME@alias, "
