@@ -12,6 +12,8 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 MODEL_DIR_ARTIFACT = "model_dir"
 
@@ -28,9 +30,15 @@ class AnomalyVAEPyfunc(mlflow.pyfunc.PythonModel):
     # signature (columns of the training data) is the contract.
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from anomaly_vae.errors import AnomalyVAEError
+
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         top_k = int(params["top_k"]) if params and params.get("top_k") is not None else None
-        table = self.detector.explain(df, top_k=top_k)
+        try:
+            # the signature types columns as Any: the library's Schema.validate does every cast
+            table = self.detector.explain(df, top_k=top_k)
+        except AnomalyVAEError as exc:       # bad input: HTTP 400 with the library's message
+            raise MlflowException(f"{type(exc).__name__}: {exc}", error_code=INVALID_PARAMETER_VALUE) from exc
         ids = [c for c in self.detector.schema_.ids if c in df.columns]
         if not ids:
             return table

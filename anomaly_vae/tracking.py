@@ -123,8 +123,14 @@ def _integer_columns_ok():
 
 
 def model_signature(det: "VAEAnomalyDetector", example: pd.DataFrame) -> tuple[ModelSignature, pd.DataFrame]:
-    """Explicit column signature from an input example; id columns optional; param top_k."""
-    from mlflow.types.schema import ColSpec, Schema as MlflowSchema
+    """Explicit column signature from an input example; id columns optional; param top_k.
+
+    Input columns are named (features required) but typed ``Any``: MLflow then passes the
+    values as received, and the model casts them with the library's own `Schema.validate`, so
+    served scores equal the library's (MLflow's own casts would read "no" as True, truncate 1.5
+    in an integer column and refuse a null there).
+    """
+    from mlflow.types.schema import AnyType, ColSpec, Schema as MlflowSchema
 
     x = _model_frame(det, example)
     out = det.explain(x)
@@ -133,7 +139,7 @@ def model_signature(det: "VAEAnomalyDetector", example: pd.DataFrame) -> tuple[M
         out = pd.concat([x[ids].reset_index(drop=True), out], axis=1)
     with _integer_columns_ok():
         sig = infer_signature(x, out, params={"top_k": int(det.config_.top_k)})
-    inputs = MlflowSchema([ColSpec(c.type, c.name, required=c.name not in ids) for c in sig.inputs.inputs])
+    inputs = MlflowSchema([ColSpec(AnyType(), c.name, required=c.name not in ids) for c in sig.inputs.inputs])
     outputs = MlflowSchema([ColSpec(c.type, c.name, required=c.name not in ids) for c in sig.outputs.inputs])
     return ModelSignature(inputs, outputs, sig.params), x
 
