@@ -9,6 +9,8 @@ re-exported here for older callers).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import tempfile
 import time
 import warnings
@@ -188,6 +190,65 @@ def _dataset(df: pd.DataFrame, name: str | None, source: str | None, label: str 
     return mlflow.data.from_pandas(df, name=name, targets=targets)
 
 
+# ------------------------------------------- runs of killed processes (no RUNNING ghosts)
+OWNER_TAGS = ("anomaly_vae.host", "anomaly_vae.pid", "anomaly_vae.pid_start")
+
+
+def _process_start(pid: int) -> str:
+    """Start time of process `pid` (clock ticks since boot, Linux /proc); "" when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2:].split()[19]       # field 22, after "pid (comm)"
+
+
+def _owner_tags() -> dict[str, str]:
+    """Tags naming the process that opens a run, so a later start can tell whether it died."""
+    pid = os.getpid()
+    return dict(zip(OWNER_TAGS, (socket.gethostname(), str(pid), _process_start(pid))))
+
+
+def _owner_alive(tags: Mapping[str, str]) -> bool:
+    try:
+        pid = int(tags.get("anomaly_vae.pid", ""))
+        os.kill(pid, 0)
+    except ValueError:
+        return True                      # not our tag format: leave the run alone
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                             # alive, another user's
+    started, now = tags.get("anomaly_vae.pid_start", ""), _process_start(pid)
+    return not (started and now and started != now)      # same pid, another process: dead
+
+
+def end_interrupted_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of `experiment_id` opened on this host by a process that no
+    longer exists (a SIGKILLed or crashed `train` / `retrain`); returns their ids. Runs of other
+    hosts, or without the owner tags, are left alone (their processes cannot be checked here)."""
+    host = socket.gethostname()
+    where = f"attributes.status = 'RUNNING' and tags.`anomaly_vae.host` = '{_quote(host)}'"
+    runs = client.search_runs([experiment_id], filter_string=where, max_results=500)
+    ended = []
+    for run in runs:
+        if not _owner_alive(run.data.tags):
+            client.set_tag(run.info.run_id, "anomaly_vae.ended_by",
+                           f"a later start: process {run.data.tags.get('anomaly_vae.pid')} on {host} had exited "
+                           "without ending this run (killed or crashed)")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        log.warning("marked %d run(s) of killed processes as KILLED: %s", len(ended), ", ".join(ended))
+    return ended
+
+
+def _start_tags(client: MlflowClient, experiment_id: str, tags: Mapping[str, str] | None) -> dict[str, str]:
+    """Owner tags + `tags` for a run about to start, after ending the runs of dead processes."""
+    end_interrupted_runs(client, experiment_id)
+    return {**_owner_tags(), **(tags or {})}
+
+
 # ------------------------------------------------------------- training
 def log_training_run(det: "VAEAnomalyDetector", train_df: pd.DataFrame, *, dataset_name: str,
                      dataset_source: str | None = None, eval_df: pd.DataFrame | None = None,
@@ -209,7 +270,8 @@ def log_training_run(det: "VAEAnomalyDetector", train_df: pd.DataFrame, *, datas
     label = label if label is not None else det.label
     client = MlflowClient()
     exp_id = _experiment_id(client, experiment)
-    run_tags = {"anomaly_vae.run_type": "training", "anomaly_vae.dataset": dataset_name, **(tags or {})}
+    run_tags = _start_tags(client, exp_id, {"anomaly_vae.run_type": "training",
+                                            "anomaly_vae.dataset": dataset_name, **(tags or {})})
     nested = mlflow.active_run() is not None      # e.g. inside a retrain pipeline's parent run
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags, nested=nested) as run:
         run_id = run.info.run_id
@@ -272,8 +334,8 @@ def log_evaluation(det: "VAEAnomalyDetector", df: pd.DataFrame, *, label: str = 
               "threshold": float(det.threshold_)}
     client = MlflowClient()
     exp_id = _experiment_id(client, experiment)
-    run_tags = {"anomaly_vae.run_type": "evaluation", **({"model_uri": model_uri} if model_uri else {}),
-                **(tags or {})}
+    run_tags = _start_tags(client, exp_id, {"anomaly_vae.run_type": "evaluation",
+                                            **({"model_uri": model_uri} if model_uri else {}), **(tags or {})})
     nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags, nested=nested) as run:
         mlflow.log_metrics({**_eval_metrics(result), "threshold": result["threshold"]})
@@ -293,7 +355,9 @@ def log_run(run_name: str, *, params: dict[str, Any] | None = None, metrics: dic
     None metric values are skipped. Nests under an active run if there is one.
     """
     _ensure_configured(tracking_uri)
-    exp_id = _experiment_id(MlflowClient(), experiment)
+    client = MlflowClient()
+    exp_id = _experiment_id(client, experiment)
+    tags = _start_tags(client, exp_id, tags)
     nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags, nested=nested) as run:
         if params:
@@ -324,7 +388,8 @@ def create_run(experiment: str, *, run_name: str | None = None, tags: Mapping[st
     """
     _ensure_configured()
     client = MlflowClient()
-    run = client.create_run(_experiment_id(client, experiment), run_name=run_name, tags=dict(tags or {}))
+    exp_id = _experiment_id(client, experiment)
+    run = client.create_run(exp_id, run_name=run_name, tags=_start_tags(client, exp_id, tags))
     if params:
         client.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
     return run.info.run_id

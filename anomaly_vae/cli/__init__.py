@@ -9,8 +9,8 @@ from __future__ import annotations
 import click
 
 from . import demo as _demo, models as _models, score as _score, train as _train
-from .state import (INTERNAL_ERROR, SCORING_THREADS, USER_ERROR, CLIError, State, _Group,  # noqa: F401
-                    _setup_logging, _to_cli_error, pass_state)
+from .state import (INTERNAL_ERROR, SCORING_THREADS, USER_ERROR, CLIError, State, _exit_on_sigterm,  # noqa: F401
+                    _Group, _setup_logging, _to_cli_error, pass_state)
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="anomaly-vae")
@@ -41,6 +41,7 @@ def main(ctx: click.Context, quiet: bool, debug: bool, tracking_uri: str | None,
     run (a score into the same output directory, a retrain of the same model).
     """
     _setup_logging(quiet, debug)
+    _exit_on_sigterm(ctx)
     ctx.obj = State(quiet=quiet, debug=debug, tracking_uri=tracking_uri, threads=threads, device=device,
                     precision=precision)
 

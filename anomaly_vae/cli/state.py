@@ -83,6 +83,23 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _exit_on_sigterm(ctx: click.Context) -> None:
+    """SIGTERM (systemd stop, Airflow/cron timeouts, `kill`) raises SystemExit(143) in the main
+    thread, so open MLflow runs end as FAILED instead of staying RUNNING (SIGKILL cannot be caught:
+    the next run start marks those KILLED). The previous handler is restored when the command ends."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
 def _setup_logging(quiet: bool, debug: bool) -> None:
     level = logging.ERROR if quiet else logging.DEBUG if debug else logging.INFO
     pkg = logging.getLogger("anomaly_vae")
