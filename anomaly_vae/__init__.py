@@ -2,13 +2,13 @@
 __version__ = "0.1.0"
 
 from .config import Config
-from .errors import (AnomalyVAEError, ConfigError, DataError, ModelFormatError,
-                     ModelNotFoundError, SchemaMismatchError)
+from .errors import (AnomalyVAEError, ConfigError, DataError, InputTypeError, LockedError,
+                     ModelFormatError, ModelNotFoundError, SchemaMismatchError)
 from .schema import Schema, infer_schema
 
 __all__ = ["VAEAnomalyDetector", "Config", "Schema", "infer_schema", "AnomalyVAEError",
            "ConfigError", "DataError", "SchemaMismatchError", "ModelNotFoundError",
-           "ModelFormatError", "__version__"]
+           "ModelFormatError", "InputTypeError", "LockedError", "__version__"]
 
 
 def __getattr__(name: str):

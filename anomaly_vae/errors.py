@@ -18,6 +18,11 @@ class DataError(AnomalyVAEError, ValueError):
     """Input data is unusable: empty table, all-null column, unreadable file."""
 
 
+class InputTypeError(DataError, TypeError):
+    """The data given is of a type that cannot be used (None, a dict, a Series, an array of
+    objects that are not numbers); a TypeError too, as scikit-learn expects."""
+
+
 class ModelNotFoundError(AnomalyVAEError, LookupError):
     """A model directory or registry URI does not exist."""
 

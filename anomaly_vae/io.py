@@ -312,6 +312,11 @@ def _read_error(path: Location, exc: BaseException) -> DataError:
     """DataError naming the file, and for CSV conversion errors the column by name."""
     msg = _one_line(exc)
     if _is_csv(path):
+        bad_row = re.search(r"Expected \d+ columns, got \d+", msg)
+        if bad_row:      # pyarrow appends the row's text: keep data (card numbers, names) out of logs
+            line = _first_ragged_line(path)
+            msg = (f"CSV parse error: {bad_row.group(0).lower()}" + (f" on line {line:,}" if line else "")
+                   + " (row text not shown)")
         m = re.search(r"CSV column #(\d+)", msg)
         if m:
             try:
@@ -323,6 +328,22 @@ def _read_error(path: Location, exc: BaseException) -> DataError:
             except (OSError, StopIteration, IndexError, csv.Error):
                 pass
     return DataError(f"{path}: cannot read as {'CSV' if _is_csv(path) else 'parquet'}: {msg}")
+
+
+def _first_ragged_line(path: Location) -> int | None:
+    """Line number (1-based, header = line 1) of the first CSV row whose column count differs
+    from the header's; None when it cannot be found."""
+    try:
+        src, _ = _source(path, stream=True)
+        with (open(src, newline="") if isinstance(src, str) else _stdio.TextIOWrapper(src, newline="")) as f:
+            reader = csv.reader(f)
+            width = len(next(reader))
+            for row in reader:
+                if row and len(row) != width:
+                    return reader.line_num
+    except (OSError, StopIteration, csv.Error, UnicodeDecodeError, ValueError):
+        return None
+    return None
 
 
 def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """Column kinds, schema inference at fit time and validation at score time (pure; no torch)."""
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import re
@@ -10,13 +11,15 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, SchemaMismatchError
+from .errors import DataError, InputTypeError, SchemaMismatchError
 
 log = logging.getLogger(__name__)
 
 KINDS = ("numeric", "categorical", "boolean", "datetime", "id")
 FEATURE_KINDS = ("numeric", "categorical", "boolean", "datetime")
 _ID_NAME = re.compile(r"(^id$|_id$|^id_|Id$|ID$|uuid|guid)")
+_NOT_NUMBERS = (bool, np.bool_, complex, np.complexfloating, datetime.date, datetime.timedelta,
+                np.datetime64, np.timedelta64)      # datetime.datetime and pd.Timestamp are dates
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
@@ -103,7 +106,7 @@ def cast_arrow_column(arr: Any, col: Column, source: str = "input") -> Any:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     t = arr.type
-    if col.kind == "numeric" and (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    if col.kind == "numeric" and (pa.types.is_integer(t) or pa.types.is_floating(t)
                                   or pa.types.is_decimal(t) or pa.types.is_null(t)):
         return arr.cast(pa.float64())
     if col.kind == "boolean" and (pa.types.is_boolean(t) or pa.types.is_null(t)):
@@ -123,7 +126,10 @@ def cast_arrow_column(arr: Any, col: Column, source: str = "input") -> Any:
 def as_frame(X: Any) -> pd.DataFrame:
     """Accept a DataFrame, a pyarrow Table/RecordBatch or a 2-D array (columns x0, x1, ...)."""
     if hasattr(X, "to_pandas") and hasattr(X, "schema"):
-        X = X.to_pandas()
+        try:
+            X = X.to_pandas()
+        except (TypeError, ValueError, OverflowError, NotImplementedError) as exc:    # ArrowInvalid is a ValueError
+            raise DataError(f"cannot convert the Arrow data to a table: {exc}") from exc
     if isinstance(X, pd.DataFrame):
         dups = sorted({str(c) for c in X.columns[X.columns.duplicated()]})
         if dups:
@@ -133,9 +139,22 @@ def as_frame(X: Any) -> pd.DataFrame:
         if not all(isinstance(c, str) for c in X.columns):
             X = X.rename(columns=str)
         return X
+    if X is None or (isinstance(X, (dict, str, bytes, pd.Series)) and not hasattr(X, "tocsr")):  # dok: a dict
+        hint = {dict: "; pass pd.DataFrame(d)",
+                pd.Series: "; pass series.to_frame() for one column or series.to_frame().T for one row"}
+        raise InputTypeError(f"expected a DataFrame, an Arrow table or a 2-D numeric array, got "
+                             f"{type(X).__name__}{hint.get(type(X), '')}")
     from sklearn.utils import check_array
-    # arrays are numeric-only; sklearn's checks give the standard messages (sparse, 1-D, empty)
-    arr = check_array(X, accept_sparse=False, dtype="numeric", ensure_all_finite="allow-nan")
+    # arrays are numeric-only; sklearn's checks give the standard messages (sparse, 1-D, empty),
+    # raised as our errors (a TypeError stays a TypeError)
+    try:
+        arr = check_array(X, accept_sparse=False, dtype="numeric", ensure_all_finite="allow-nan")
+    except TypeError as exc:
+        raise InputTypeError(str(exc)) from exc
+    except ValueError as exc:
+        hint = ("; arrays must be numeric (pass a DataFrame for text, boolean or timestamp columns)"
+                if "convert" in str(exc) else "")
+        raise DataError(f"{exc}{hint}") from exc
     return pd.DataFrame(arr, columns=[f"x{i}" for i in range(arr.shape[1])])
 
 
@@ -222,10 +241,12 @@ def cast_column(s: pd.Series, col: Column, source: str = "input") -> pd.Series:
     """Cast one column to its schema kind or raise SchemaMismatchError naming it."""
     was_null = s.isna()
     if col.kind == "numeric":
-        if pd.api.types.is_bool_dtype(s):
-            out = s.astype("float64")
-        else:
+        _refuse_non_numbers(s, col, source)
+        try:
             out = pd.to_numeric(s, errors="coerce").astype("float64")
+        except (TypeError, ValueError, OverflowError) as exc:     # e.g. lists or dicts as values
+            raise SchemaMismatchError(f"{source}: column '{col.name}': expected a number, found values "
+                                      f"that cannot be cast ({exc}); fix the data or retrain") from exc
         _check_cast(s, out, was_null, col, "a number", source)
         return out
     if col.kind == "boolean":
@@ -246,13 +267,35 @@ def cast_column(s: pd.Series, col: Column, source: str = "input") -> pd.Series:
         if pd.api.types.is_datetime64_any_dtype(s):
             out = s
         else:
-            out = pd.to_datetime(s, errors="coerce", utc=False, format="mixed")
+            # utc=True: text with different offsets (+01:00, Z, -05:00) is one instant each, in
+            # UTC, as the CSV reader gives it; text without an offset is taken as UTC
+            try:
+                out = pd.to_datetime(s, errors="coerce", utc=True, format="mixed")
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise SchemaMismatchError(f"{source}: column '{col.name}': expected a timestamp, found "
+                                          f"values that cannot be cast ({exc}); fix the data or retrain") from exc
         if getattr(out.dt, "tz", None) is not None:
             out = out.dt.tz_convert("UTC").dt.tz_localize(None)
         _check_cast(s, out, was_null, col, "a timestamp", source)
         return out
     # categorical: any value is a category; nulls stay null
     return category_text(s)
+
+
+def _refuse_non_numbers(s: pd.Series, col: Column, source: str) -> None:
+    """SchemaMismatchError for booleans, timestamps, durations and complex numbers in a numeric
+    column: pandas would silently turn them into 0/1, nanoseconds or the real part."""
+    dtype = s.dtype
+    what = ("booleans" if pd.api.types.is_bool_dtype(dtype)
+            else "timestamps" if pd.api.types.is_datetime64_any_dtype(dtype)
+            else "durations" if pd.api.types.is_timedelta64_dtype(dtype)
+            else "complex numbers" if pd.api.types.is_complex_dtype(dtype) else None)
+    if what is None and dtype == object:
+        kinds = {type(v).__name__ for v in s.dropna().tolist() if isinstance(v, _NOT_NUMBERS)}
+        what = f"values of type {sorted(kinds)}" if kinds else None
+    if what is not None:
+        raise SchemaMismatchError(f"{source}: column '{col.name}': expected a number, found {what} "
+                                  f"({dtype}); cast the column to a number or retrain")
 
 
 def _check_cast(raw: pd.Series, out: pd.Series, was_null: pd.Series, col: Column, expected: str,

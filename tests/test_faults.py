@@ -218,3 +218,55 @@ def test_resume_recognises_outputs_however_the_paths_are_typed(env, tmp_path):
     assert f"0 scored, {N_PARTS} skipped" in r.stdout
     r = cli("score", "-m", env["model"], env["incoming"], "-o", out.resolve(), "--resume")  # absolute
     assert f"0 scored, {N_PARTS} skipped" in r.stdout
+
+
+# ------------------------------------------------------------------ bad inputs: per-file failures
+def test_keep_going_survives_every_failure_inside_one_input_and_mixed_offsets_become_utc(env, tmp_path):
+    rows = env["frame"].iloc[2000:2300].reset_index(drop=True)
+    land = tmp_path / "land"
+    land.mkdir()
+    offsets = np.where(np.arange(len(rows)) % 2, "+01:00", "-05:00")
+    local = rows["timestamp"] + pd.to_timedelta(np.where(offsets == "+01:00", 1, -5), unit="h")
+    mixed = rows.assign(timestamp=local.dt.strftime("%Y-%m-%dT%H:%M:%S") + offsets)   # same instants
+    mixed.to_parquet(land / "a-mixed-offsets.parquet", index=False)
+    rows.assign(amount=rows["amount"] > 50).to_parquet(land / "b-bool-amount.parquet", index=False)
+    rows.assign(amount=pd.to_timedelta(rows["amount"], unit="s")).to_parquet(land / "c-duration.parquet", index=False)
+    rows.to_parquet(land / "d-good.parquet", index=False)
+    out = tmp_path / "out"
+    r = cli("score", "-m", env["model"], land, "-o", out, "--keep-going", check=False)
+    assert r.returncode == 2, r.stderr
+    assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+    assert "files:   2 scored, 2 failed" in r.stdout
+    m = manifest(out)["files"]
+    status = {Path(e["input"]).name: (e["status"], e.get("error", "")) for e in m.values()}
+    assert status["b-bool-amount.parquet"][0] == "failed"
+    assert "b-bool-amount.parquet" in status["b-bool-amount.parquet"][1]
+    assert "column 'amount': expected a number, found booleans" in status["b-bool-amount.parquet"][1]
+    assert "column 'amount': expected a number, found durations" in status["c-duration.parquet"][1]
+    # text timestamps with offsets are instants: converted to UTC, they score as the UTC rows do
+    got = pd.read_parquet(out / "a-mixed-offsets.scored.parquet")
+    ref = pd.read_parquet(out / "d-good.scored.parquet")
+    pd.testing.assert_frame_equal(got, ref)
+    # --resume retries only the failed ones
+    r = cli("score", "-m", env["model"], land, "-o", out, "--keep-going", "--resume", check=False)
+    assert "0 scored, 2 skipped (done), 2 failed" in r.stdout
+
+
+def test_train_with_one_absurd_value_warns_and_keeps_the_column(env, tmp_path):
+    train = pd.read_parquet(env["root"] / "train.parquet")
+    train.loc[train.index[train["label"] == 0][:5], "amount"] = 1e308     # some land in the fit split
+    train.to_parquet(tmp_path / "train.parquet", index=False)
+    model = tmp_path / "model"
+    r = cli("train", tmp_path / "train.parquet", "--label", "label", *EXCLUDE, "--epochs", "3",
+            "--no-mlflow", "-o", model)
+    assert "column 'amount': " in r.stderr and "training value(s) lie more than 1e+06 robust scales" in r.stderr
+    params = json.loads((model / "preprocess.json").read_text())["params"]["amount"]
+    assert all(np.isfinite(params[k]) for k in ("mean", "std", "median", "scale"))
+    # the column still matters: amounts x1000 are flagged
+    rows = env["frame"].iloc[2000:2500]
+    rows.to_parquet(tmp_path / "normal.parquet", index=False)
+    rows.assign(amount=rows["amount"] * 1000).to_parquet(tmp_path / "huge.parquet", index=False)
+    cli("-q", "score", "-m", model, tmp_path / "normal.parquet", tmp_path / "huge.parquet", "-o", tmp_path / "s")
+    normal = pd.read_parquet(tmp_path / "s" / "normal.scored.parquet")["is_anomaly"].mean()
+    huge = pd.read_parquet(tmp_path / "s" / "huge.scored.parquet")["is_anomaly"].mean()
+    assert normal < 0.1 and huge > 0.9

@@ -141,3 +141,17 @@ def test_sample_rows_is_a_deterministic_uniform_sample_in_input_order(tmp_path, 
     frame.drop(columns=["x"]).head(10).to_parquet(tmp_path / "odd.parquet", index=False)
     with pytest.raises(DataError, match=r"odd\.parquet: columns differ from the first input \(missing \['x'\]"):
         io.sample_rows(paths + [tmp_path / "odd.parquet"], 100)
+
+
+def test_ragged_csv_row_error_names_the_line_not_the_data(tmp_path):
+    path = tmp_path / "cards.csv"
+    path.write_text("id,amount,country\n1,2.5,DE\n\"2\",3.5,\"F\nR\"\n3,4.5,NL,4111111111111111\n4,5.5,IT\n")
+    for read in (lambda: io.read_table(path), lambda: list(io.iter_batches(path)), lambda: io.input_schema(path)):
+        try:
+            read()
+        except DataError as exc:
+            msg = str(exc)
+        else:
+            continue          # input_schema may only see the first block
+        assert "4111111111111111" not in msg and "NL" not in msg
+        assert msg == f"{path}: cannot read as CSV: CSV parse error: expected 3 columns, got 4 on line 5 (row text not shown)"

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -102,3 +104,52 @@ def test_numbers_stored_as_text_are_flagged(caplog):
     with caplog.at_level("WARNING", logger="anomaly_vae.schema"):
         infer_schema(pd.DataFrame({"country": ["DE", "FR", "US"] * 100, "n": np.arange(300.0)}))
     assert caplog.text == ""
+
+
+def test_timestamp_text_with_mixed_offsets_is_converted_to_utc(frame):
+    s = infer_schema(frame)
+    text = ["2026-01-05T10:00:00+01:00", "2026-01-05T10:00:00-05:00", "2026-01-05T10:00:00Z",
+            "2026-01-05 10:00:00", None]
+    df = frame.head(5).assign(ts=text)
+    out = s.validate(df)["ts"]
+    assert str(out.dtype) == "datetime64[ns]" or out.dt.tz is None
+    assert out.iloc[:4].tolist() == [pd.Timestamp("2026-01-05 09:00"), pd.Timestamp("2026-01-05 15:00"),
+                                     pd.Timestamp("2026-01-05 10:00"), pd.Timestamp("2026-01-05 10:00")]
+    assert pd.isna(out.iloc[4])
+    import pyarrow as pa
+    from anomaly_vae.schema import validate_arrow
+    arrow = validate_arrow(s, pa.Table.from_pandas(df, preserve_index=False))["ts"]
+    assert arrow.to_pandas().iloc[:4].tolist() == out.iloc[:4].tolist()
+
+
+@pytest.mark.parametrize("values, found", [
+    ([True, False] * 3, "booleans"),
+    (pd.to_timedelta(np.arange(6), unit="s"), "durations"),
+    (pd.date_range("2026-01-01", periods=6), "timestamps"),
+    (np.arange(6) + 1j, "complex numbers"),
+    (pd.Series([1.5, True, 2.0, 3.0, 4.0, 5.0], dtype=object), "values of type ['bool']"),
+    (pd.Series([1.5, pd.Timestamp("2026-01-01"), 2.0, 3.0, 4.0, 5.0], dtype=object), "values of type ['Timestamp']"),
+])
+def test_numeric_columns_refuse_booleans_durations_timestamps_and_complex(frame, values, found):
+    s = infer_schema(frame)
+    df = frame.head(6).assign(amount=values)
+    with pytest.raises(SchemaMismatchError, match=rf"column 'amount': expected a number, found {re.escape(found)}"):
+        s.validate(df)
+    import pyarrow as pa
+    from anomaly_vae.schema import validate_arrow
+    if not isinstance(values, pd.Series) and np.asarray(values).dtype.kind != "c":   # Arrow has no complex
+        with pytest.raises(SchemaMismatchError, match="column 'amount': expected a number"):
+            validate_arrow(s, pa.Table.from_pandas(df, preserve_index=False))
+
+
+@pytest.mark.parametrize("X, match", [
+    (None, "got NoneType"), ({"a": [1.0]}, r"got dict; pass pd.DataFrame\(d\)"),
+    (pd.Series([1.0, 2.0]), r"got Series; pass series.to_frame\(\)"), ("text", "got str"),
+    (np.array([["a", "b"]] * 3, dtype=object), "arrays must be numeric"),
+    (np.array([[{"k": 1}, 2.0]] * 3, dtype=object), ""),
+    (np.array([1.0, 2.0]), "Expected 2D array"),
+])
+def test_unusable_inputs_raise_our_errors(X, match):
+    from anomaly_vae import AnomalyVAEError
+    with pytest.raises(AnomalyVAEError, match=match):
+        as_frame(X)
