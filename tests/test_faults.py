@@ -270,3 +270,111 @@ def test_train_with_one_absurd_value_warns_and_keeps_the_column(env, tmp_path):
     normal = pd.read_parquet(tmp_path / "s" / "normal.scored.parquet")["is_anomaly"].mean()
     huge = pd.read_parquet(tmp_path / "s" / "huge.scored.parquet")["is_anomaly"].mean()
     assert normal < 0.1 and huge > 0.9
+
+
+# ------------------------------------------------------------------ SIGKILL train (also inside save)
+# Runs the real CLI in a fresh interpreter that SIGKILLs itself at one chosen point: on entering
+# the training loop, on entering save, or just before the k-th filesystem step of save (mkdir,
+# fsync of each written file, rename, symlink, replace). KILL_AT=count only counts the steps.
+_KILLER = r"""
+import atexit, os, signal, sys
+import anomaly_vae.detector as D
+import anomaly_vae.persist as P
+point = os.environ["KILL_AT"]
+steps = [0]
+active = [False]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def hook(name):
+    orig = getattr(os, name)
+    def step(*a, **k):
+        if active[0]:
+            steps[0] += 1
+            if point == f"step-{steps[0]}":
+                die()
+        return orig(*a, **k)
+    setattr(os, name, step)
+
+for name in ("mkdir", "fsync", "rename", "symlink", "replace"):
+    hook(name)
+fit, save = D.fit_vae, P.save_model
+
+def fit_vae(*a, **k):
+    if point == "fit":
+        die()
+    return fit(*a, **k)
+
+def save_model(*a, **k):
+    if point == "save":
+        die()
+    active[0] = True
+    try:
+        return save(*a, **k)
+    finally:
+        active[0] = False
+
+D.fit_vae, P.save_model = fit_vae, save_model
+if point == "count":
+    atexit.register(lambda: open(os.environ["KILL_COUNT"], "w").write(str(steps[0])))
+from anomaly_vae.cli import main
+main(args=sys.argv[1:], prog_name="anomaly-vae")
+"""
+
+
+def _train_killed_at(point: str, train: Path, model: Path, seed: int, tmp_path: Path) -> int:
+    env = {**os.environ, "KILL_AT": point, "KILL_COUNT": str(tmp_path / "steps")}
+    r = subprocess.run([sys.executable, "-c", _KILLER, "-q", "--threads", "1", "train", str(train),
+                        "--label", "label", *EXCLUDE, "--epochs", "3", "--seed", str(seed),
+                        "--no-mlflow", "-o", str(model)], env=env, capture_output=True, text=True, timeout=300)
+    return r.returncode
+
+
+@pytest.fixture(scope="module")
+def two_models(env, tmp_path_factory):
+    """The content digests of the seed-0 model (env) and of the same training with seed 1,
+    and the number of filesystem steps one save takes."""
+    from anomaly_vae import VAEAnomalyDetector
+    from anomaly_vae.batch import model_digest
+
+    root = tmp_path_factory.mktemp("save")
+    new = root / "new"
+    shutil.copytree(env["model"], new)                  # an overwrite, as in the test
+    assert _train_killed_at("count", env["root"] / "train.parquet", new, 1, root) == 0
+    return {"old": model_digest(VAEAnomalyDetector.load(env["model"])),
+            "new": model_digest(VAEAnomalyDetector.load(new)), "steps": int((root / "steps").read_text())}
+
+
+def _save_points() -> list:
+    slow = pytest.mark.slow
+    points = ["save", "step-3", "step-last"]
+    points += [pytest.param(p, marks=slow) for p in ("fit", "step-1", "step-last-1")]
+    points += [pytest.param(f"step-{k}", marks=slow) for k in (2, 4, 5, 6, 7, 8, 9, 10, 11, 12)]
+    return points
+
+
+@pytest.mark.parametrize("point", _save_points())
+def test_sigkill_train_over_an_existing_model_leaves_the_old_or_the_new_model(env, two_models, tmp_path, point):
+    model = tmp_path / "model"
+    shutil.copytree(env["model"], model)
+    n = two_models["steps"]
+    if point.startswith("step-last"):
+        point = f"step-{n - (1 if point == 'step-last-1' else 0)}"
+    if point.startswith("step-") and int(point[5:]) > n:
+        pytest.skip(f"a save takes {n} filesystem steps")
+    assert _train_killed_at(point, env["root"] / "train.parquet", model, 1, tmp_path) == -signal.SIGKILL
+    out = tmp_path / "out"
+    cli("-q", "score", "-m", model, env["incoming"] / "part-0.parquet", "-o", out)
+    got = manifest(out)["model"]["sha256"]
+    assert got in (two_models["old"], two_models["new"])
+    if point in ("fit", "save", "step-1"):
+        assert got == two_models["old"]                 # nothing of the new model was in place yet
+    # the next save succeeds and cleans up what the killed one left
+    cli("-q", "train", env["root"] / "train.parquet", "--label", "label", *EXCLUDE, "--epochs", "3",
+        "--seed", "1", "--no-mlflow", "-o", model)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model") and not p.name.endswith(".lock"))
+    assert len(left) <= 2 and not any(".lnk-" in p or ".tmp-" in p for p in left), left
+    shutil.rmtree(out)
+    cli("-q", "score", "-m", model, env["incoming"] / "part-0.parquet", "-o", out)
+    assert manifest(out)["model"]["sha256"] == two_models["new"]
