@@ -108,7 +108,7 @@ def cast_arrow_column(arr: Any, col: Column, source: str = "input") -> Any:
     t = arr.type
     if col.kind == "numeric" and (pa.types.is_integer(t) or pa.types.is_floating(t)
                                   or pa.types.is_decimal(t) or pa.types.is_null(t)):
-        return arr.cast(pa.float64())
+        return arr.cast(pa.float64(), safe=False)     # ints beyond 2**53 round, as in pandas
     if col.kind == "boolean" and (pa.types.is_boolean(t) or pa.types.is_null(t)):
         return arr.cast(pa.bool_())
     if col.kind == "datetime" and (pa.types.is_timestamp(t) or pa.types.is_null(t)):

@@ -153,3 +153,12 @@ def test_unusable_inputs_raise_our_errors(X, match):
     from anomaly_vae import AnomalyVAEError
     with pytest.raises(AnomalyVAEError, match=match):
         as_frame(X)
+
+
+def test_arrow_integers_beyond_2_53_in_a_numeric_column_round_like_pandas(frame):
+    import pyarrow as pa
+    from anomaly_vae.schema import validate_arrow
+    s = infer_schema(frame)
+    df = frame.head(3).assign(x=[0, 1, 2**53 + 1])            # found by the 1,000-example fuzz run
+    got = validate_arrow(s, pa.Table.from_pandas(df, preserve_index=False))["x"].to_pylist()
+    assert got == s.validate(df)["x"].tolist() == [0.0, 1.0, float(2**53)]
