@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from .errors import AnomalyVAEError, DataError, LockedError, SchemaMismatchError
 from . import io
+from .explain import EXPLANATION_TYPE
 from .io import (MANIFEST, _is_csv, _one_line, count_rows, input_schema, iter_batches, prefetch,
                  remove_stale_temps, write_stream)
 
@@ -37,6 +38,7 @@ SCORE_FIELDS = (
     pa.field("p_value", pa.float64()),
     pa.field("is_anomaly", pa.bool_()),
     pa.field("top_features", pa.string()),
+    pa.field("explanation", EXPLANATION_TYPE),   # flagged rows: value + expected value per column
 )
 SCORE_COLUMNS = tuple(f.name for f in SCORE_FIELDS)
 MANIFEST_FORMAT = "anomaly-vae-scores"
@@ -136,7 +138,7 @@ def _encode_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch) -> np.ndarra
 def _score_encoded(det: "VAEAnomalyDetector", batch: pa.RecordBatch, X: np.ndarray,
                    passthrough: Sequence[str], schema: pa.Schema) -> pa.RecordBatch:
     """The second half of `score_batch`: network, scores, explanation -> output batch."""
-    table = det.score_table(det._terms_from_X(X))
+    table = det.score_table(det._terms_from_X(X), values=batch, X=X)
     arrays = [_conform(batch.column(c), schema.field(c).type) for c in passthrough]
     arrays += [pa.array(table[f.name], type=f.type, from_pandas=True) for f in SCORE_FIELDS]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
@@ -159,7 +161,7 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
 
     Output columns: the pass-through columns (the model's id columns with keep="ids", every
     input column with keep="all") followed by anomaly_score, recon_nll, kl, p_value,
-    is_anomaly, top_features. `progress(n)` is called with each batch's row count.
+    is_anomaly, top_features, explanation. `progress(n)` is called with each batch's row count.
     Bad input raises an AnomalyVAEError naming the file and column; no output is left behind.
     An input with no rows gives an empty output with the same columns and types, and a warning.
     Returns stats: input, output, rows_in, rows_out, flagged, seconds, status, warnings.

@@ -14,6 +14,7 @@ import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from . import explain as E
 from . import score as S
 from .config import PRECISIONS, Config
 from .drift import numeric_fractions
@@ -285,31 +286,63 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
     def p_value(self, X: Any) -> np.ndarray:
         return S.p_values(self.anomaly_score(X), self.calibration_scores_)
 
-    def explain(self, X: Any, top_k: int | None = None) -> pd.DataFrame:
-        """Score table: anomaly_score, recon_nll, kl, p_value, is_anomaly, top_features.
+    def explain(self, X: Any, top_k: int | None = None, explain_all: bool = False) -> pd.DataFrame:
+        """Score table: anomaly_score, recon_nll, kl, p_value, is_anomaly, top_features, explanation.
 
         top_features lists the columns with the largest contributions, as 'column:+nats'
         separated by ';'. A contribution is the column's NLL above its median on calibration
         normals; for flagged rows it also counts the KL the column causes (the drop in KL when
         that column alone is set to its typical calibration value), so a value the encoder maps
         far into the latent space is named even when it is reconstructed well.
+
+        explanation (pandas ArrowDtype list<struct>, see `anomaly_vae.explain`) gives, for
+        flagged rows (all rows with explain_all=True), each top_features column with its value,
+        the model's expected value (numeric: 5-95% interval; categorical: most likely category
+        and its probability) and a rendered `text`; `explain.to_frame` makes it long format.
         """
-        table = self.score_table(self.score_terms(X), top_k)
+        frame = self._frame(X)
+        X_enc = self.preprocessor_.encode(frame)
+        table = self.score_table(self._terms_from_X(X_enc), top_k, values=frame, X=X_enc,
+                                 explain_all=explain_all)
         if isinstance(X, pd.DataFrame):
             table.index = X.index              # so df.join(det.explain(df)) lines up
         return table
 
-    def score_table(self, terms: S.ScoreTerms, top_k: int | None = None) -> pd.DataFrame:
+    def score_table(self, terms: S.ScoreTerms, top_k: int | None = None, *, values: Any = None,
+                    X: np.ndarray | None = None, explain_all: bool = False) -> pd.DataFrame:
+        """The score columns for `terms`. With `X` (the encoded rows `terms` came from) also
+        `explanation`: for flagged rows (every row with explain_all=True) the top_features
+        columns with value and expected value (`explain.ENTRY_TYPE`), an empty list otherwise;
+        `values` (DataFrame or Arrow batch of the same rows) gives the values shown."""
         contrib = S.feature_contributions(terms, self.column_median_)
         names = [s.column for s in self.preprocessor_.spans]
-        return pd.DataFrame({
+        k = top_k or self.config_.top_k
+        is_anomaly = terms.anomaly_score > self.threshold_
+        table = pd.DataFrame({
             "anomaly_score": terms.anomaly_score,
             "recon_nll": terms.recon_nll,
             "kl": terms.kl,
             "p_value": S.p_values(terms.anomaly_score, self.calibration_scores_),
-            "is_anomaly": terms.anomaly_score > self.threshold_,
-            "top_features": S.top_features(contrib, names, top_k or self.config_.top_k),
+            "is_anomaly": is_anomaly,
+            "top_features": S.top_features(contrib, names, k),
         })
+        if X is not None:
+            ex = self._explanation(X, values, contrib, k, None if explain_all else is_anomaly)
+            table["explanation"] = pd.Series(pd.arrays.ArrowExtensionArray(ex), index=table.index)
+        return table
+
+    def _explanation(self, X: np.ndarray, values: Any, contrib: np.ndarray, k: int,
+                     rows: np.ndarray | None) -> Any:
+        """list<struct> explanation per row. The expected value of a column is the decoder's
+        prediction for the row with that column set to its typical value (so it comes from
+        the other columns; at z = mu the VAE partly echoes the odd value back)."""
+        entries = E.select_entries(contrib, k, rows)
+        Xe = X[entries.row]
+        if self.typical_x_ is not None:
+            Xe = E.occlude(Xe, entries.column, self.preprocessor_.dim_to_column(), self.typical_x_)
+        _, _, params = self.vae_.score_terms(Xe, return_params=True)
+        shown = None if values is None else {c.name: values[c.name] for c in self.schema_.features}
+        return E.explanations(entries, params, self.preprocessor_, shown)
 
     def contributions(self, X: Any) -> pd.DataFrame:
         """Per-column contribution in nats, one column per feature: the column's NLL above its

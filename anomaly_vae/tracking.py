@@ -270,8 +270,11 @@ def log_training_run(det: "VAEAnomalyDetector", train_df: pd.DataFrame, *, datas
     label = label if label is not None else det.label
     client = MlflowClient()
     exp_id = _experiment_id(client, experiment)
-    run_tags = _start_tags(client, exp_id, {"anomaly_vae.run_type": "training",
-                                            "anomaly_vae.dataset": dataset_name, **(tags or {})})
+    collapse = getattr(det.history_, "posterior_collapse", "")
+    run_tags = _start_tags(client, exp_id, {
+        "anomaly_vae.run_type": "training", "anomaly_vae.dataset": dataset_name,
+        "anomaly_vae.posterior_collapse": "true" if collapse else "false",
+        **({"anomaly_vae.posterior_collapse_reason": collapse} if collapse else {}), **(tags or {})})
     nested = mlflow.active_run() is not None      # e.g. inside a retrain pipeline's parent run
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags, nested=nested) as run:
         run_id = run.info.run_id

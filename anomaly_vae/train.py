@@ -16,6 +16,7 @@ from .model import VAE, kl_divergence
 
 log = logging.getLogger(__name__)
 ACTIVE_UNIT_VAR = 0.01
+KL_PER_DIM_FLOOR = 0.01   # nats per latent dim (validation mean) below which the posterior has collapsed
 
 
 @dataclass
@@ -33,6 +34,7 @@ class History:
     best_epoch: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    posterior_collapse: str = ""     # why the kept weights look collapsed ("" when they do not)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -48,6 +50,18 @@ def beta_at(progress: float, config: Config) -> float:
 def active_units(mu: torch.Tensor) -> int:
     """Latent dims whose posterior mean varies across rows (Var_x[mu] > 0.01)."""
     return int((mu.var(0) > ACTIVE_UNIT_VAR).sum()) if len(mu) > 1 else 0
+
+
+def posterior_collapse(active: int, kl_per_dim: float) -> str:
+    """Why a posterior looks collapsed ("" when it does not): no active unit, or a mean KL
+    per latent dim below KL_PER_DIM_FLOOR (the encoder then tells the decoder ~nothing about
+    the row, every row is decoded alike, and the score is close to a per-column density)."""
+    why = []
+    if active == 0:
+        why.append("no active latent unit (Var[mu] > %g)" % ACTIVE_UNIT_VAR)
+    if kl_per_dim < KL_PER_DIM_FLOOR:
+        why.append(f"KL {kl_per_dim:.4f} nats per latent dim < {KL_PER_DIM_FLOOR}")
+    return "; ".join(why)
 
 
 def _elbo_terms(vae: VAE, x: torch.Tensor, config: Config, beta: float, noise: torch.Tensor | None,
@@ -153,7 +167,10 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
             hist.active_units.append(active_units(mu))
         v_loss = v_recon + (0.0 if config.objective == "ae" else config.beta) * v_kl
         hist.val_loss.append(v_loss); hist.val_recon_nll.append(v_recon); hist.val_kl.append(v_kl)
-        bar.set_postfix(loss=f"{sums[0]:.3f}", val=f"{v_loss:.3f}", au=hist.active_units[-1])
+        collapsed = epoch + 1 >= warm_epochs and config.objective != "ae" and posterior_collapse(hist.active_units[-1],
+                                                                     v_kl / vae.latent_dim)
+        bar.set_postfix(loss=f"{sums[0]:.3f}", val=f"{v_loss:.3f}", au=hist.active_units[-1],
+                        **({"collapse": "yes"} if collapsed else {}))
         if not np.isfinite(sums[0]):
             log.warning("training loss became non-finite at epoch %d; keeping the best weights", epoch)
             break
@@ -171,6 +188,12 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
         vae.load_state_dict(best_state)
     vae.eval()
     hist.seconds = time.perf_counter() - t0
+    kept = hist.best_epoch if best_state is not None else len(hist.loss) - 1
+    if hist.loss and config.objective != "ae":      # a plain autoencoder has no posterior
+        hist.posterior_collapse = posterior_collapse(hist.active_units[kept], hist.val_kl[kept] / vae.latent_dim)
+    if hist.posterior_collapse:
+        log.warning("posterior collapse: %s. The latent code carries almost no information; "
+                    "lower beta, use free_bits, or a smaller latent_dim", hist.posterior_collapse)
     log.info("trained %d epochs in %.1fs (best epoch %d, val loss %.4f, active units %d/%d)",
              len(hist.loss), hist.seconds, hist.best_epoch + 1, best, hist.active_units[-1], vae.latent_dim)
     return hist

@@ -16,7 +16,7 @@ from anomaly_vae import batch, io
 from anomaly_vae.errors import AnomalyVAEError, DataError, SchemaMismatchError
 
 
-SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
+SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features", "explanation"]
 
 
 def _leftovers(d: Path) -> list[str]:

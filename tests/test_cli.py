@@ -17,7 +17,7 @@ from anomaly_vae.cli import CLIError, _to_cli_error, main
 from anomaly_vae.demo import DEMO_EXCLUDE, make_transactions
 from anomaly_vae.errors import DataError
 
-SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
+SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features", "explanation"]
 ENTRY_POINT = Path(sys.executable).with_name("anomaly-vae")
 EXCLUDE = [a for c in DEMO_EXCLUDE for a in ("--exclude", c)]
 

@@ -27,7 +27,8 @@ def test_sklearn_sign_conventions(fitted, frame):
 
 def test_explain_table_contributions_sum_to_score(fitted, frame):
     tab = fitted.explain(frame.head(50))
-    assert list(tab.columns) == ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
+    assert list(tab.columns) == ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features",
+                                 "explanation"]
     np.testing.assert_allclose(tab.recon_nll + tab.kl, tab.anomaly_score, rtol=1e-6)
     contrib = fitted.contributions(frame.head(50))
     np.testing.assert_allclose(contrib.sum(axis=1) + fitted.column_median_.sum() + tab.kl, tab.anomaly_score,

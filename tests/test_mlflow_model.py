@@ -17,7 +17,7 @@ from anomaly_vae import tracking as T
 from conftest import log_demo_model
 
 NAME = "pyfunc-test"
-SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"]
+SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features", "explanation"]
 
 
 @pytest.fixture(scope="module")

@@ -257,3 +257,18 @@ def test_log_run_summary(store):
     assert run.data.metrics == {"candidate_auroc": 0.9}
     assert run.data.tags["decision"] == "promote"
     assert [a.path for a in MlflowClient().list_artifacts(rid)] == ["decision.json"]
+
+
+def test_posterior_collapse_tag(store):
+    from anomaly_vae import VAEAnomalyDetector
+    tags = MlflowClient().get_run(store.run.run_id).data.tags
+    # the 3-epoch fixture model may itself count as collapsed; the tag follows its history
+    assert tags["anomaly_vae.posterior_collapse"] == ("true" if store.det.history_.posterior_collapse else "false")
+    det = VAEAnomalyDetector(label="label", exclude=DEMO_EXCLUDE, beta=200.0, max_epochs=6,
+                             random_state=0, n_threads=1).fit(store.train)
+    assert det.history_.posterior_collapse
+    run = T.log_training_run(det, store.train, dataset_name="demo-train", label="label",
+                             experiment="collapse-test")
+    tags = MlflowClient().get_run(run.run_id).data.tags
+    assert tags["anomaly_vae.posterior_collapse"] == "true"
+    assert tags["anomaly_vae.posterior_collapse_reason"] == det.history_.posterior_collapse

@@ -52,3 +52,17 @@ def test_free_bits_keep_latents_active():
     base = dict(max_epochs=15, batch_size=64, hidden=(32, 16), latent_dim=4, patience=100, beta=4.0)
     h_fb = fit_vae(make(X), X[:700], X[700:], Config(**base, free_bits=0.5))
     assert h_fb.active_units[-1] >= 2
+
+
+def test_posterior_collapse_warns_when_beta_forces_the_latent_off(caplog):
+    import logging
+    X = data()
+    healthy = fit_vae(make(X), X, X[:200], Config(max_epochs=30, batch_size=64, hidden=(32, 16),
+                                                   latent_dim=4, patience=100))
+    assert healthy.posterior_collapse == "" and healthy.active_units[-1] > 0
+    with caplog.at_level(logging.WARNING, logger="anomaly_vae.train"):
+        collapsed = fit_vae(make(X), X, X[:200], Config(max_epochs=30, batch_size=64, hidden=(32, 16),
+                                                         latent_dim=4, patience=100, beta=200.0))
+    assert collapsed.active_units[collapsed.best_epoch] == 0
+    assert "no active latent unit" in collapsed.posterior_collapse and "KL" in collapsed.posterior_collapse
+    assert any("posterior collapse" in r.getMessage() for r in caplog.records)

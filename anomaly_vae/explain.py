@@ -1,0 +1,309 @@
+"""Explanations: the top-k columns of a row with its value and what the model expected there.
+
+For each (row, column) named by the contributions, the expected value is read from the
+decoder's likelihood parameters for *this* row (`model.DecoderParams`; at z = mu by default,
+or a masked prediction when a variant supplies one):
+
+  numeric     decoder mean and the central 5-95% interval of its Gaussian, back-transformed to
+              original units through the preprocessor's inverse transform and clipped to the
+              training range
+  categorical the most likely category (never <unk>) and its probability
+  boolean     the same, as true / false
+  datetime    hour of day from the decoded hour sin/cos (no interval)
+  missing     a numeric/datetime column whose value is missing where the model expects it present
+              ("usually present", p = P(present)), or present where it expects missing
+
+All of it is column-wise numpy and Arrow compute (no per-row Python): it runs in batch scoring.
+The result is an Arrow `list<struct>` (`EXPLANATION_TYPE`), one list per row, largest
+contribution first; only columns with a positive contribution are listed.
+"""
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .preprocess import NULL, UNK, Preprocessor, _inverse_transform
+
+Z95 = 1.6448536269514722          # standard-normal 95% quantile: central 5-95% interval
+ENTRY_TYPE = pa.struct([
+    pa.field("column", pa.string()),
+    pa.field("kind", pa.string()),          # numeric | categorical | boolean | datetime | missing
+    pa.field("contribution", pa.float64()),  # nats above the column's median on normal rows
+    pa.field("value", pa.string()),          # this row's value as text ("null" when missing)
+    pa.field("expected", pa.string()),       # what the model expected, as text
+    pa.field("low", pa.float64()),           # numeric: central 5-95% interval, original units
+    pa.field("high", pa.float64()),
+    pa.field("p", pa.float64()),             # categorical: P(expected); missing: P(expected state)
+    pa.field("text", pa.string()),           # e.g. "amount = 4,812.00 (expected 18–95)"
+])
+EXPLANATION_TYPE = pa.list_(ENTRY_TYPE)
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def top_columns(contrib: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest contributions per row, largest first. (n, c) -> (n, k) x2"""
+    n, c = contrib.shape
+    k = min(k, c)
+    if k == 0:
+        return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0))
+    idx = np.argpartition(-contrib, k - 1, axis=1)[:, :k] if k < c else np.tile(np.arange(c), (n, 1))
+    vals = np.take_along_axis(contrib, idx, 1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
+
+
+class Entries(NamedTuple):
+    """The (row, column) pairs to explain, row-major, largest contribution first in each row."""
+
+    row: np.ndarray            # (e,) row position
+    column: np.ndarray         # (e,) column position in `Preprocessor.spans`
+    contribution: np.ndarray   # (e,) nats
+    offsets: np.ndarray        # (n + 1,) int32: row i owns entries offsets[i]:offsets[i+1]
+
+
+def select_entries(contrib: np.ndarray, k: int, rows: np.ndarray | None = None) -> Entries:
+    """The top-k columns of each row with a positive contribution; `rows` (n,) bool limits
+    the rows explained (the others get none). (n, c) -> Entries"""
+    n = contrib.shape[0]
+    idx, vals = top_columns(contrib, k)
+    keep = vals > 0
+    if rows is not None:
+        keep &= np.asarray(rows, dtype=bool)[:, None]
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(keep.sum(1), out=offsets[1:])
+    flat = keep.ravel()
+    return Entries(np.repeat(np.arange(n), idx.shape[1])[flat], idx.ravel()[flat],
+                   vals.ravel()[flat].astype(np.float64), offsets)
+
+
+def occlude(X: np.ndarray, columns: np.ndarray, owner: np.ndarray, typical: np.ndarray) -> np.ndarray:
+    """Copy of X with, in row e, every dim of column columns[e] set to its typical encoded value,
+    so the decoder's prediction for that column comes from the other columns. (e, d) -> (e, d)"""
+    X = np.array(X, dtype=np.float32, copy=True)
+    for j in np.unique(columns):
+        dims = np.flatnonzero(owner == j)
+        X[np.ix_(np.flatnonzero(columns == j), dims)] = typical[dims]
+    return X
+
+
+def explanations(entries: Entries, params: Sequence[np.ndarray], pre: Preprocessor,
+                 values: Mapping[str, pa.Array | pd.Series] | None) -> pa.ListArray:
+    """The explanation list of each row. Vectorised over rows; loops over columns only.
+
+    params: the four `DecoderParams` arrays with one row per entry (the decoder's prediction
+    for that entry's row: at z = mu, occluded, or masked); values: raw input column -> (n,)
+    values of all n rows (None leaves `value` null). Returns a ListArray of length n.
+    """
+    layout = _Layout(pre)
+    parts, order = [], []
+    for j in np.unique(entries.column):
+        sel = np.flatnonzero(entries.column == j)
+        span = pre.spans[j]
+        raw = None if values is None or span.column not in values else values[span.column]
+        if isinstance(raw, pd.Series):          # take the m rows first, then convert them
+            raw = pa.array(raw.iloc[entries.row[sel]], from_pandas=True)
+        elif raw is not None:
+            raw = raw.take(pa.array(entries.row[sel]))
+            raw = raw.combine_chunks() if isinstance(raw, pa.ChunkedArray) else raw
+        parts.append(_column_entries(span, pre.params[span.column], layout,
+                                     [p[sel] for p in params], entries.contribution[sel], raw))
+        order.append(sel)
+    if parts:
+        struct = pa.concat_arrays(parts)
+        # parts are grouped by column; put the entries back in row-major order
+        inverse = np.empty(len(entries.row), dtype=np.int64)
+        inverse[np.concatenate(order)] = np.arange(len(entries.row))
+        struct = struct.take(pa.array(inverse))
+    else:
+        struct = pa.array([], type=ENTRY_TYPE)
+    return pa.ListArray.from_arrays(pa.array(entries.offsets), struct, type=EXPLANATION_TYPE)
+
+
+def to_frame(explanation: pa.ListArray | pd.Series, index: pd.Index | None = None) -> pd.DataFrame:
+    """Long format: one row per (input row, explained column) with `row` (the input's index
+    label), `rank` (1 = largest contribution) and the ENTRY_TYPE fields."""
+    arr = explanation
+    if isinstance(arr, pd.Series):
+        index = arr.index if index is None else index
+        arr = pa.array(arr)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    parents = pc.list_parent_indices(arr).to_numpy()
+    flat = pc.list_flatten(arr)
+    out = pd.DataFrame({f.name: flat.field(i).to_numpy(zero_copy_only=False)
+                        for i, f in enumerate(ENTRY_TYPE)})
+    starts = arr.offsets.to_numpy()[:-1] - arr.offsets[0].as_py()
+    out.insert(0, "rank", np.arange(len(parents)) - starts[parents] + 1 if len(parents) else [])
+    out.insert(0, "row", (index if index is not None else pd.RangeIndex(len(arr)))[parents])
+    return out
+
+
+# --------------------------------------------------------------- internals
+class _Layout:
+    """Where each column's decoder parameters sit in the DecoderParams arrays."""
+
+    def __init__(self, pre: Preprocessor) -> None:
+        self.numeric = {s.column: s.start for s in pre.spans if s.kind in ("numeric", "datetime")}
+        # the numeric block starts at dim 0 and is contiguous, so dim == position in `mean`
+        self.indicator = {s.column: int(np.searchsorted(pre.indicator_dims, s.indicator))
+                          for s in pre.spans if s.indicator >= 0}
+        off, self.categorical = 0, {}
+        for s in pre.spans:               # one-hot blocks are concatenated in span order
+            if s.kind in ("categorical", "boolean"):
+                self.categorical[s.column] = (off, off + s.stop - s.start)
+                off += s.stop - s.start
+
+
+def _column_entries(span, p: dict, layout: _Layout, params: Sequence[np.ndarray],
+                    contribution: np.ndarray, raw: pa.Array | None) -> pa.StructArray:
+    """ENTRY_TYPE structs for m entries of one column; params and raw have m rows. (m,) -> (m,)"""
+    mean, logvar, ind_logit, cat_logit = params
+    m = len(contribution)
+    null_f = pa.nulls(m, pa.float64())
+    name = pa.array(np.full(m, span.column, dtype=object), type=pa.string())
+    kind = np.full(m, span.kind, dtype=object)
+    low, high = null_f, null_f
+
+    if span.kind in ("categorical", "boolean"):
+        a, b = layout.categorical[span.column]
+        logits = cat_logit[:, a:b].astype(np.float64)
+        logits -= logits.max(1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(1, keepdims=True)
+        vocab = np.array(p["vocab"], dtype=object)
+        pick = np.where(vocab == UNK, -1.0, probs).argmax(1)
+        expected = pa.array(vocab[pick]).cast(pa.string())
+        expected = pc.if_else(pc.equal(expected, NULL), pa.scalar("null"), expected)
+        prob = pa.array(probs[np.arange(m), pick])
+        value = _text(raw, span.kind, m)
+        text = _join([name, " = ", value, " (expected ", expected, ", p=", _fmt(prob.to_numpy(), 2), ")"])
+        return _struct(name, kind, contribution, value, expected, low, high, prob, text)
+
+    j = layout.numeric[span.column]
+    if span.kind == "datetime":
+        hour = np.mod(np.arctan2(mean[:, j], mean[:, j + 1]) / (2 * np.pi) * 24, 24)
+        hh = np.floor(hour).astype(np.int64)
+        mm = np.floor((hour - hh) * 60).astype(np.int64)
+        num_expected = _join(["around ", _pad2(hh), ":", _pad2(mm)])
+        value = _text(raw, "datetime", m)
+        value_missing = np.zeros(m, dtype=bool) if raw is None else raw.is_null().to_numpy(False)
+        num_text = _join([name, " = ", value, " (expected ", num_expected, ")"])
+    else:
+        mu = mean[:, j].astype(np.float64)
+        sd = np.exp(0.5 * logvar[:, j].astype(np.float64))
+        centre, lo, hi = (_to_original(mu + z * sd, p) for z in (0.0, -Z95, Z95))
+        integer = bool(p.get("integer"))
+        if integer:
+            centre, lo, hi = np.round(centre), np.floor(lo), np.ceil(hi)
+        low, high = pa.array(lo), pa.array(hi)
+        digits = 0 if integer else _digits(hi - lo)
+        num_expected = _fmt(centre, digits)
+        value_num = np.full(m, np.nan) if raw is None else \
+            pc.cast(raw, pa.float64()).to_numpy(zero_copy_only=False)
+        value_missing = ~np.isfinite(value_num) if raw is not None else np.zeros(m, dtype=bool)
+        value = _fmt(value_num, 0 if integer else 2)
+        value = pa.nulls(m, pa.string()) if raw is None else \
+            pc.if_else(pa.array(value_missing), pa.scalar("null"), value)
+        interval = pc.if_else(pa.array(lo == hi), _fmt(lo, digits),
+                              _join([_fmt(lo, digits), "–", _fmt(hi, digits)]))
+        num_text = _join([name, " = ", value, " (expected ", interval, ")"])
+
+    # a missing value, or a value present where the model expects it missing
+    if span.column in layout.indicator:
+        p_missing = 1.0 / (1.0 + np.exp(-ind_logit[:, layout.indicator[span.column]].astype(np.float64)))
+    else:
+        p_missing = np.zeros(m)
+    expect_missing = p_missing >= 0.5
+    is_miss = value_missing | (expect_missing & (raw is not None))
+    state_p = np.where(expect_missing, p_missing, 1.0 - p_missing)
+    miss_expected = pa.array(np.where(expect_missing, "missing", "present"), type=pa.string())
+    miss_text = _join([name, " = ", value, " (usually ", miss_expected, ", p=", _fmt(state_p, 2), ")"])
+    mask = pa.array(is_miss)
+    kind = np.where(is_miss, "missing", kind)
+    expected = pc.if_else(mask, miss_expected, num_expected)
+    prob = pc.if_else(mask, pa.array(state_p), null_f)
+    text = pc.if_else(mask, miss_text, num_text)
+    return _struct(name, kind, contribution, value, expected, low, high, prob, text)
+
+
+def _struct(name, kind, contribution, value, expected, low, high, prob, text) -> pa.StructArray:
+    arrays = [name, pa.array(kind, type=pa.string()), pa.array(np.asarray(contribution, np.float64)),
+              value, expected, low, high, prob, text]
+    return pa.StructArray.from_arrays([a.cast(f.type) for a, f in zip(arrays, ENTRY_TYPE)],
+                                      fields=list(ENTRY_TYPE))
+
+
+def _to_original(t_std: np.ndarray, p: dict) -> np.ndarray:
+    """Standardised decoder units -> original units, clipped to the training range. (m,) -> (m,)"""
+    x = _inverse_transform(t_std * p["std"] + p["mean"], p)
+    if "min" in p:
+        x = np.clip(x, p["min"], p["max"])
+    return x
+
+
+def _digits(width: np.ndarray) -> np.ndarray:
+    """Decimals to show for an interval of this width: 0 from 10 up, 1 from 1, else 2. (m,)"""
+    w = np.nan_to_num(np.abs(width), nan=0.0)
+    return np.where(w >= 10, 0, np.where(w >= 1, 1, 2))
+
+
+def _fmt(x: np.ndarray, decimals) -> pa.Array:
+    """Numbers -> text with thousands separators and `decimals` (int or (m,) ints in 0..3)
+    decimals, e.g. 4812.0 -> '4,812.00'; non-finite -> 'nan' / 'inf'. Vectorised."""
+    x = np.asarray(x, dtype=np.float64)
+    dec = np.broadcast_to(np.asarray(decimals, dtype=np.int64), x.shape)
+    out = pa.nulls(len(x), pa.string())
+    for d in np.unique(dec):
+        out = pc.if_else(pa.array(dec == d), _fmt_fixed(x, int(d)), out)
+    return out
+
+
+def _fmt_fixed(x: np.ndarray, d: int) -> pa.Array:
+    finite = np.isfinite(x) & (np.abs(x) < 1e15)
+    safe = np.where(finite, x, 0.0)
+    scaled = np.round(np.abs(safe) * 10 ** d).astype(np.int64)
+    whole, frac = np.divmod(scaled, 10 ** d)
+    n_groups = np.maximum(1, np.floor(np.log10(np.maximum(whole, 1))).astype(np.int64) // 3 + 1)
+    text = pa.array(np.full(len(x), "", dtype=object), type=pa.string())
+    for g in range(int(n_groups.max(initial=1)) - 1, -1, -1):
+        group = pa.array((whole // 10 ** (3 * g)) % 1000).cast(pa.string())
+        padded = pc.utf8_lpad(group, 3, padding="0")
+        top = pa.array(n_groups == g + 1)
+        below = pa.array(n_groups > g + 1)
+        text = pc.if_else(top, group, pc.if_else(below, pc.binary_join_element_wise(text, padded, ","), text))
+    if d:
+        text = pc.binary_join_element_wise(text, pc.utf8_lpad(pa.array(frac).cast(pa.string()), d,
+                                                              padding="0"), ".")
+    text = pc.if_else(pa.array((safe < 0) & (scaled > 0)), pc.binary_join_element_wise("-", text, ""), text)
+    return pc.if_else(pa.array(finite), text, pa.array(x).cast(pa.string()))
+
+
+def _pad2(v: np.ndarray) -> pa.Array:
+    return pc.utf8_lpad(pa.array(v).cast(pa.string()), 2, padding="0")
+
+
+def _join(parts: list) -> pa.Array:
+    """Element-wise concatenation of string arrays and literal strings."""
+    arrays = [pa.scalar(p, pa.string()) if isinstance(p, str) else p.cast(pa.string()) for p in parts]
+    return pc.binary_join_element_wise(*arrays, "")
+
+
+def _text(raw: pa.Array | None, kind: str, m: int) -> pa.Array:
+    """Row values as text: categories as they are, booleans true/false, timestamps to the
+    minute; null -> 'null'."""
+    if raw is None:
+        return pa.nulls(m, pa.string())
+    if kind == "datetime":
+        if not pa.types.is_timestamp(raw.type):
+            raw = pc.cast(raw, pa.timestamp("ns"))
+        text = pc.strftime(raw, format="%Y-%m-%d %H:%M")
+    elif pa.types.is_floating(raw.type):          # integer categories read as float: 4.0 -> 4
+        whole = pc.equal(raw, pc.floor(raw))
+        text = pc.if_else(whole, pc.cast(pc.cast(raw, pa.int64(), safe=False), pa.string()), pc.cast(raw, pa.string()))
+    else:
+        text = pc.cast(raw, pa.string())
+    return pc.fill_null(text, "null")
