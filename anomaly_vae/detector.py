@@ -23,6 +23,7 @@ from .evaluate import anomaly_mask
 from .masked import build_vae
 from .model import VAE, resolve_device
 from .preprocess import Preprocessor
+from .sample import fit_marginals, sample_rows
 from .schema import Schema, as_frame, infer_schema, validate_arrow
 from .train import History, fit_vae
 
@@ -140,6 +141,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         torch.set_num_threads(self.config_.n_threads or os.cpu_count() or 1)
         self._calibrate(X_all, train_idx, cal_idx)
         self.reference_ = _reference_profile(data.iloc[train_idx], self.schema_, self.preprocessor_)
+        self.marginals_ = fit_marginals(data.iloc[train_idx], self.schema_)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -352,14 +354,27 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         return pd.DataFrame(contrib, columns=[s.column for s in self.preprocessor_.spans],
                             index=X.index if isinstance(X, pd.DataFrame) else None)
 
+    def conditional_nll(self, X: Any) -> pd.DataFrame:
+        """Per-column surprisal of each value given the rest of the row, in nats: the column's
+        NLL when the decoder predicts it with the column itself set to its typical value.
+        One network pass per column (benchmarks/explain.py compares it with `contributions`)."""
+        owner = self.preprocessor_.dim_to_column()
+        names = [s.column for s in self.preprocessor_.spans]
+        nll = self.vae_.conditional_nll(self.preprocessor_.encode(self._frame(X)),
+                                        [np.flatnonzero(owner == j) for j in range(len(names))],
+                                        self.typical_x_)
+        return pd.DataFrame(nll, columns=names, index=X.index if isinstance(X, pd.DataFrame) else None)
+
     def encode(self, X: Any) -> np.ndarray:
         """Latent means (n, latent_dim)."""
         return self.vae_.latent_means(self.preprocessor_.encode(self._frame(X)))
 
     def sample(self, n: int, seed: int = 0) -> pd.DataFrame:
-        """n synthetic rows in the original schema (datetimes come back as hour-of-day)."""
+        """n synthetic rows in the original schema: z ~ N(0, I), each column drawn from the
+        decoder, numeric columns mapped onto their training marginals by rank, timestamps with
+        the model's hour and weekday on a date in the training range (see `anomaly_vae.sample`)."""
         check_is_fitted(self, "vae_")
-        return self.preprocessor_.decode(self.vae_.sample(n, seed=seed))
+        return sample_rows(self.vae_, self.preprocessor_, getattr(self, "marginals_", {}), n, seed)
 
     # --------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> str:

@@ -324,6 +324,25 @@ class VAE(nn.Module):
         return out
 
     @torch.no_grad()
+    def conditional_nll(self, X: np.ndarray, column_dims: list[np.ndarray], typical: np.ndarray,
+                        batch_size: int = 4096) -> np.ndarray:
+        """Each column's NLL under the decoder's prediction for the row with that column set to
+        `typical` (so predicted from the other columns): ~ -log p(x_j | x_rest). (n, n_columns);
+        one encoder + decoder pass per column."""
+        self.eval()
+        out = np.zeros((len(X), len(column_dims)), dtype=np.float64)
+        typ = torch.from_numpy(np.asarray(typical, dtype=np.float32))
+        for i in range(0, len(X), batch_size):
+            x = torch.from_numpy(X[i:i + batch_size])
+            for j, dims in enumerate(column_dims):
+                idx = torch.as_tensor(dims, dtype=torch.long)
+                xo = x.clone()
+                xo[:, idx] = typ[idx]
+                nll = self.dim_nll(x, self.decode(self.encode(xo)[0]))
+                out[i:i + len(x), j] = nll[:, idx].sum(1).double().numpy()
+        return out
+
+    @torch.no_grad()
     def latent_means(self, X: np.ndarray, batch_size: int = 8192) -> np.ndarray:
         self.eval()
         return np.concatenate([self.encode(torch.from_numpy(X[i:i + batch_size]))[0].numpy()

@@ -133,7 +133,8 @@ def _model_files(det: Any) -> dict[str, bytes]:
         "calibration.json": _json_bytes({**det.calibration_, "column_median": det.column_median_.tolist(),
                                          "scores": det.calibration_scores_.tolist(),
                                          "typical_x": det.typical_x_.tolist(),
-                                         "reference": det.reference_}),
+                                         "reference": det.reference_,
+                                         "marginals": getattr(det, "marginals_", {})}),
         "metrics.json": _json_bytes({"history": det.history_.to_dict(), "fit_seconds": det.fit_seconds_}),
         "weights.safetensors": save_tensors(state, metadata={"format": FORMAT}),
     }
@@ -351,8 +352,9 @@ def load_model(path: str | os.PathLike, cls: type) -> Any:
         typical = cal.get("typical_x")             # absent in models saved before KL attribution
         det.typical_x_ = None if typical is None else np.asarray(typical, dtype=np.float32)
         det.reference_ = cal.get("reference", {})
+        det.marginals_ = cal.get("marginals", {})       # older model files: sample() clips instead
         det.calibration_ = {k: v for k, v in cal.items()
-                            if k not in ("column_median", "scores", "reference", "typical_x")}
+                            if k not in ("column_median", "scores", "reference", "typical_x", "marginals")}
     metrics = _json(shown / "metrics.json", blobs["metrics.json"])
     with _parsing(shown / "metrics.json"):
         det.history_ = History(**metrics["history"])

@@ -234,11 +234,11 @@ class Preprocessor:
                 owner[s.indicator] = i
         return owner
 
-    def decode(self, X: np.ndarray) -> pd.DataFrame:
+    def decode(self, X: np.ndarray, clip: bool = True) -> pd.DataFrame:
         """Approximate inverse of `encode` for numeric/categorical columns (used by `sample`).
 
-        Numeric values are clipped to the training range and integer columns rounded (nullable
-        Int64); categories never come back as <unk>, <null> comes back as a null, and integer
+        Numeric values are clipped to the training range (clip=False: not; `sample` maps them
+        onto the training marginal instead) and integer columns rounded (nullable Int64); categories never come back as <unk>, <null> comes back as a null, and integer
         categoricals come back as Int64. Datetime columns cannot be inverted from cyclic parts
         and come back as hour-of-day.
         """
@@ -248,7 +248,7 @@ class Preprocessor:
             if span.kind == "numeric":
                 t = X[:, span.start].astype("float64") * p["std"] + p["mean"]
                 vals = _inverse_transform(t, p)
-                if "min" in p:                       # older model files lack the range
+                if clip and "min" in p:              # older model files lack the range
                     vals = np.clip(vals, p["min"], p["max"])
                 if span.indicator >= 0:
                     vals = np.where(X[:, span.indicator] > 0.5, np.nan, vals)

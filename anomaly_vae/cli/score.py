@@ -89,7 +89,7 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
               help="Output .parquet (or .csv) file.")
 @pass_state
 def sample(state: State, model: str, n: int, seed: int, output: str) -> None:
-    """Draw synthetic rows from the model (in the training schema; datetimes as hour of day).
+    """Draw synthetic rows from the model in the training schema (timestamps as timestamps).
 
     \b
     Example:
