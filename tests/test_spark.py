@@ -88,7 +88,7 @@ def test_spark_scores_equal_the_library(spark, lake, fitted, model_dir, tmp_path
     assert res["rows"] == 600 and (out / "_SUCCESS").is_file()
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [f"dt={d}" for d in DAYS]
     got = pd.read_parquet(out)                      # dt back as a column from the partition folders
-    assert list(got.columns[:7]) == ["row_id", *batch.SCORE_COLUMNS]
+    assert list(got.columns[:1 + len(batch.SCORE_COLUMNS)]) == ["row_id", *batch.SCORE_COLUMNS]
     assert sorted(got["dt"].astype(str).unique()) == list(DAYS)
     assert res["flagged"] == int(got["is_anomaly"].sum())
     _assert_same(got, _library_scores(fitted, rows))
