@@ -23,7 +23,7 @@ import pyarrow as pa
 from .errors import AnomalyVAEError, DataError, LockedError, SchemaMismatchError
 from . import io
 from .explain import EXPLANATION_TYPE
-from .io import (MANIFEST, _is_csv, _one_line, count_rows, input_schema, iter_batches, prefetch,
+from .io import (MANIFEST, _is_csv, _one_line, count_rows, input_schema, iter_batches, parallel_map, prefetch,
                  remove_stale_temps, write_stream)
 
 if TYPE_CHECKING:
@@ -156,12 +156,14 @@ def _rows(src: "io.Location", start: int, n: int) -> Iterator[None]:
 
 def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.PathLike, *,
                keep: str = "ids", batch_size: int = 65536,
-               progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+               progress: Callable[[int], Any] | None = None, workers: int | None = None) -> dict[str, Any]:
     """Score one file in record batches into parquet `dst` (temp name + rename).
 
     Output columns: the pass-through columns (the model's id columns with keep="ids", every
     input column with keep="all") followed by anomaly_score, recon_nll, kl, p_value,
     is_anomaly, top_features, explanation. `progress(n)` is called with each batch's row count.
+    `workers` threads score batches in parallel (default: every CPU this process may use; the
+    output does not depend on it: each batch is scored on its own, results in order).
     Bad input raises an AnomalyVAEError naming the file and column; no output is left behind.
     An input with no rows gives an empty output with the same columns and types, and a warning.
     Returns stats: input, output, rows_in, rows_out, flagged, seconds, status, warnings.
@@ -185,8 +187,9 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
     counts = {"rows": 0, "flagged": 0}
     nulls = dict.fromkeys(features, 0)
 
-    # three stages on their own threads, each at most two batches ahead (bounded memory): read +
-    # validate + encode | network + scores + explanation | parquet write (the caller's thread)
+    # three stages, each at most a few batches ahead (bounded memory): read + validate + encode
+    # (one thread) | network + scores + explanation (`workers` threads; torch, numpy and Arrow
+    # release the GIL) | parquet write (the caller's thread)
     def encoded() -> Iterator[tuple[int, pa.RecordBatch, np.ndarray]]:
         start = 0
         for batch in iter_batches(src, batch_size, columns=read_cols, column_types=csv_types):
@@ -198,11 +201,14 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
             yield start, batch, X
             start += n
 
+    def score(item: tuple[int, pa.RecordBatch, np.ndarray]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+        start, batch, X = item
+        with _rows(src, start, batch.num_rows):
+            return batch, _score_encoded(det, batch, X, passthrough, out_schema)
+
     def batches() -> Iterator[pa.RecordBatch]:
-        for start, batch, X in prefetch(encoded()):
+        for batch, scored in parallel_map(score, prefetch(encoded()), workers or io.cpu_count()):
             n = batch.num_rows
-            with _rows(src, start, n):
-                scored = _score_encoded(det, batch, X, passthrough, out_schema)
             counts["rows"] += n
             counts["flagged"] += scored.column("is_anomaly").true_count
             for c in features:
@@ -400,7 +406,7 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[io.Location], out_di
                 model_info: dict[str, Any] | None = None, keep: str = "ids", batch_size: int = 65536,
                 resume: bool = False, progress: bool = False, keep_going: bool = False,
                 roots: Sequence[io.Location] | None = None, wait: bool = False,
-                wait_timeout: float = 3600.0) -> dict[str, Any]:
+                wait_timeout: float = 3600.0, workers: int | None = None) -> dict[str, Any]:
     """Score every input to OUT/<path below its root>/<stem>.scored.parquet (`output_paths`;
     roots default to each input's folder), keeping `_manifest.json` up to date; warnings go to
     each file's entry.
@@ -422,12 +428,13 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[io.Location], out_di
     with output_lock(out_dir, wait=wait, timeout=wait_timeout):
         return _score_files_locked(det, list(inputs), targets, out_dir, model_info=model_info, keep=keep,
                                    batch_size=batch_size, resume=resume, progress=progress,
-                                   keep_going=keep_going)
+                                   keep_going=keep_going, workers=workers)
 
 
 def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], targets: list[io.Location],
                         out_dir: io.Location, *, model_info: dict[str, Any] | None, keep: str,
-                        batch_size: int, resume: bool, progress: bool, keep_going: bool) -> dict[str, Any]:
+                        batch_size: int, resume: bool, progress: bool, keep_going: bool,
+                        workers: int | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     stale = remove_stale_temps(out_dir)
@@ -477,7 +484,8 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
                 write_manifest(out_dir, manifest)
                 bar = tqdm(total=count_rows(src), desc=io.basename(src), unit="row", unit_scale=True,
                            leave=False, disable=not progress)
-                stats = score_file(det, src, dst, keep=keep, batch_size=batch_size, progress=bar.update)
+                stats = score_file(det, src, dst, keep=keep, batch_size=batch_size, progress=bar.update,
+                                   workers=workers)
             except Exception as exc:  # noqa: BLE001 - one input's failure, whatever it is, is that input's
                 err = exc if isinstance(exc, AnomalyVAEError) else _unexpected(src, exc)
                 entry.update(status="failed", error=_one_line(err), finished=_now())

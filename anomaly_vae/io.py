@@ -47,6 +47,7 @@ _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
 Location = Union[Path, str]             # a local Path, or a URI such as s3://bucket/key
 _OBJECT_STORES = ("s3", "gcs")          # pyarrow type names of filesystems without atomic rename
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 # ------------------------------------------------------------------ filesystems
@@ -549,6 +550,39 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
+
+
+def parallel_map(fn: Callable[[T], U], items: Iterable[T], workers: int = 1) -> Iterator[U]:
+    """`map(fn, items)` on `workers` threads, results in input order, at most `workers + 1`
+    items in flight (bounded memory). For work that releases the GIL (torch, numpy, Arrow):
+    batches of one file are scored on every core. workers=1 runs in the caller's thread. An
+    exception from `fn` is re-raised here; leaving early cancels what has not started."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anomaly-vae-score") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, e.g. a container's or taskset's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------ writing

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -114,6 +114,10 @@ class VAE(nn.Module):
         self.cat_spans = [(int(a), int(b)) for a, b in categorical_spans]
         cat_dims = [d for a, b in self.cat_spans for d in range(a, b)]
         self.register_buffer("cat_idx", torch.as_tensor(cat_dims, dtype=torch.long))
+        # the encoder's layout puts the one-hot blocks last, side by side: scoring then reads
+        # each block as one index (an embedding lookup) instead of a dense one-hot product
+        self._cat_start = self.cat_spans[0][0] if self.cat_spans else n_dims
+        self._one_hot_tail = bool(self.cat_spans) and cat_dims == list(range(self._cat_start, n_dims))
         n_num, n_ind = len(numeric_dims), len(indicator_dims)
         self.encoder = _mlp([n_dims, *hidden], dropout)
         self.enc_mu = nn.Linear(hidden[-1], latent_dim)
@@ -255,6 +259,60 @@ class VAE(nn.Module):
             out.index_add_(1, layout.cat_owner, lse * mass - dot)
         return out
 
+    def _one_hot_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Dim (n, B) and value (n, B) of the one non-zero of each one-hot block of x, or None
+        when some block of some row has not exactly one (then the dense path is used)."""
+        if not self._one_hot_tail:
+            return None
+        nz = torch.nonzero(x[:, self._cat_start:])
+        n, n_blocks = len(x), len(self.cat_spans)
+        if len(nz) != n * n_blocks:
+            return None
+        dims = nz[:, 1].view(n, n_blocks) + self._cat_start
+        starts = torch.as_tensor([a for a, _ in self.cat_spans], device=x.device)
+        stops = torch.as_tensor([b for _, b in self.cat_spans], device=x.device)
+        if not bool(((dims >= starts) & (dims < stops)).all()):
+            return None
+        return dims, x.gather(1, dims)
+
+    def _sparse_terms(self, x: torch.Tensor, dims: torch.Tensor, values: torch.Tensor,
+                      layout: "ColumnLayout", autocast: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """`column_nll` and KL at z = mu for x whose one-hot blocks are given as (dims, values)
+        (`_one_hot_codes`): the same numbers (to float rounding) with less work. The first
+        layer sums one weight column per block (embedding_bag) instead of a product with 0/1
+        dims; the output layer is computed transposed, (outputs, n), so that each block's
+        logits are contiguous for logsumexp and the observed logit is a gather."""
+        first = self.encoder[0]
+        s = self._cat_start
+        with autocast:
+            h = F.linear(x[:, :s], first.weight[:, :s], first.bias)
+            ones = bool(values.eq(1.0).all())       # always, for rows from Preprocessor.encode
+            h = h + F.embedding_bag(dims - s, first.weight[:, s:].T.contiguous(), mode="sum",
+                                    per_sample_weights=None if ones else values.to(first.weight.dtype))
+            h = self.encoder[1:](h)
+            mu, logvar = self.enc_mu(h), self.enc_logvar(h).clamp(-12.0, 8.0)
+            d = self.decoder(mu)
+            out_t = torch.addmm(self.dec_out.bias[:, None], self.dec_out.weight, d.T)
+        mu, logvar, out_t = mu.float(), logvar.float(), out_t.float()
+        mean_t, raw_t, ind_t, cat_t = torch.split(out_t, self._splits, dim=0)
+        if self.feature_raw_var is not None:
+            raw_t = self.feature_raw_var[:, None].expand_as(mean_t)
+        col_t = x.new_zeros((layout.n_columns, len(x)), dtype=torch.float32)
+        if len(self.num_idx):
+            g = gaussian_nll(x[:, self.num_idx].T, mean_t, torch.log(self.var_floor + F.softplus(raw_t)))
+            if len(layout.num_with_ind):
+                g[layout.num_with_ind] *= 1.0 - x[:, layout.ind_of_num].T
+            col_t.index_add_(0, layout.num_owner, g)
+        if len(self.ind_idx):
+            col_t.index_add_(0, layout.ind_owner, F.binary_cross_entropy_with_logits(
+                ind_t, x[:, self.ind_idx].T, reduction="none"))
+        if self.cat_spans:
+            # block NLL = value * (logsumexp(block logits) - observed logit)
+            lse = torch.stack([torch.logsumexp(cat_t[a:b], 0) for a, b in layout.cat_blocks])
+            observed = cat_t.gather(0, (dims - s).T)
+            col_t.index_add_(0, layout.cat_owner, values.T * (lse - observed))
+        return col_t.T, kl_divergence(mu, logvar).sum(1)
+
     def column_terms(self, X: np.ndarray, owner: np.ndarray, n_columns: int, *,
                      batch_size: int = 16384, precision: str = "float32",
                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -271,6 +329,12 @@ class VAE(nn.Module):
         with torch.inference_mode():
             for i in range(0, len(X), batch_size):
                 x = torch.from_numpy(X[i:i + batch_size]).to(device)
+                codes = self._one_hot_codes(x)
+                if codes is not None:
+                    col, kl = self._sparse_terms(x, *codes, layout, autocast)
+                    col_out[i:i + len(x)] = col.cpu().numpy()
+                    kl_out[i:i + len(x)] = kl.cpu().numpy()
+                    continue
                 with autocast:
                     mu, logvar = self.encode(x)
                     params = self.decode(mu)

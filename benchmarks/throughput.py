@@ -137,7 +137,7 @@ def child_stages(model: str, src: str, dst: str, batch_size: int) -> dict:
             column_kl[flagged] = vae.kl_occlusion(X[flagged], [np.flatnonzero(owner == j) for j in range(n_cols)],
                                                   det.typical_x_)
             terms = terms._replace(column_kl=column_kl)
-        table = det.score_table(terms)
+        table = det.score_table(terms, values=batch, X=X)
         arrays = [batch.column(c) for c in ids] + [pa.array(table[f.name], type=f.type, from_pandas=True)
                                                    for f in SCORE_FIELDS]
         out = pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -329,3 +329,15 @@ def test_score_batch_is_a_pure_function_of_the_rows(fitted, scored_rows):
                                    rtol=1e-6, atol=1e-6)
     with pytest.raises(SchemaMismatchError, match="missing required column"):
         batch.score_batch(fitted, rb.drop_columns([fitted.schema_.features[0].name]))
+
+
+def test_parallel_workers_write_the_same_bytes_as_one(tmp_path, fitted, scored_rows):
+    src = tmp_path / "rows.parquet"
+    scored_rows.to_parquet(src, index=False)
+    outs = []
+    for workers in (1, 3):
+        dst = tmp_path / f"w{workers}" / "rows.scored.parquet"
+        stats = batch.score_file(fitted, src, dst, batch_size=64, workers=workers)
+        assert stats["rows_out"] == len(scored_rows)
+        outs.append(pq.read_table(dst))
+    assert outs[0].equals(outs[1])               # same rows, order, scores and explanations

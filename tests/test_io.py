@@ -115,6 +115,38 @@ def test_prefetch_keeps_order_bounds_memory_and_passes_errors():
         list(io.prefetch(items(10, fail_at=4)))
 
 
+def test_parallel_map_keeps_order_bounds_work_in_flight_and_passes_errors():
+    import threading
+    import time
+
+    started, active, peak = [], [0], [0]
+    lock = threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.002 * (i % 3))               # finish out of order
+        with lock:
+            active[0] -= 1
+        if i == 7:
+            raise DataError("bad batch 7")
+        return i * i
+
+    assert list(io.parallel_map(work, range(7), workers=3)) == [i * i for i in range(7)]
+    assert peak[0] >= 2                           # really ran side by side
+    started.clear()
+    gen = io.parallel_map(work, range(1000), workers=2)
+    assert next(gen) == 0
+    assert len(started) <= 4                      # at most workers + 1 submitted ahead
+    gen.close()
+    with pytest.raises(DataError, match="bad batch 7"):
+        list(io.parallel_map(work, range(20), workers=2))
+    assert list(io.parallel_map(work, range(5), workers=1)) == [0, 1, 4, 9, 16]
+    assert io.cpu_count() >= 1
+
+
 def test_sample_rows_is_a_deterministic_uniform_sample_in_input_order(tmp_path, frame):
     parts = [frame.iloc[i * 500:(i + 1) * 500] for i in range(3)]
     for i, part in enumerate(parts):

@@ -102,3 +102,42 @@ def test_score_terms_returns_the_decoder_params_of_the_same_pass():
     assert [p.shape for p in params] == [(30, 3), (30, 3), (30, 1), (30, 3)]
     for got, w in zip(params, want):
         np.testing.assert_allclose(got, w.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_hot_scoring_path_equals_the_dense_one_and_falls_back():
+    """column_terms reads each one-hot block as an index (embedding lookup + transposed output
+    layer); the numbers must be those of the dense product, and inputs that are not one-hot
+    (occluded or soft blocks) take the dense path."""
+    torch.manual_seed(0)
+    vae = VAE(9, np.array([0, 1]), np.array([2]), [(3, 6), (6, 9)], np.array([-1, 2]),
+              hidden=(16, 8), latent_dim=3).eval()
+    rng = np.random.default_rng(0)
+    n = 300
+    X = np.zeros((n, 9), dtype=np.float32)
+    X[:, :2] = rng.normal(size=(n, 2))
+    X[:, 2] = rng.random(n) < 0.2
+    X[np.arange(n), 3 + rng.integers(0, 3, n)] = 1.0
+    X[np.arange(n), 6 + rng.integers(0, 3, n)] = 1.0
+    owner = np.array([0, 1, 1, 2, 2, 2, 3, 3, 3])
+    assert vae._one_hot_codes(torch.from_numpy(X)) is not None
+    sparse = vae.column_terms(X, owner, 4)
+    vae._one_hot_tail = False
+    dense = vae.column_terms(X, owner, 4)
+    vae._one_hot_tail = True
+    for a, b in zip(sparse, dense):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    soft = X.copy()
+    soft[0, 3:6] = [0.5, 0.5, 0.0]               # two non-zeros in a block
+    assert vae._one_hot_codes(torch.from_numpy(soft)) is None
+    half = X.copy()
+    half[:, 3:6] *= 0.5                           # one non-zero per block, not 1: weighted lookup
+    np.testing.assert_allclose(vae.column_terms(half, owner, 4)[0], _dense_terms(vae, half, owner)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def _dense_terms(vae, X, owner):
+    vae._one_hot_tail = False
+    try:
+        return vae.column_terms(X, owner, int(owner.max()) + 1)
+    finally:
+        vae._one_hot_tail = True

@@ -19,7 +19,8 @@ from .state import (INTERNAL_ERROR, SCORING_THREADS, USER_ERROR, CLIError, State
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", metavar="URI",
               show_default="$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db", help="MLflow tracking URI.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              show_default="1 for scoring, the detector's rule for training", help="Torch threads.")
+              show_default="every CPU for score, the detector's rule for training",
+              help="Threads: score/encode workers (each batch on one thread), torch threads otherwise.")
 @click.option("--device", default=None, metavar="DEVICE", show_default="auto",
               help="Where the network runs for train and score: auto (CUDA when available), cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default=None,
