@@ -48,6 +48,9 @@ LOCK_FILE = "_score.lock"       # held by the run writing into a (local) output 
 
 
 # ------------------------------------------------------------------ scoring
+ENCODE_ROWS = 16384      # rows encoded and scored at a time inside a batch (memory per worker)
+
+
 def output_path(src: str | os.PathLike, out_dir: str | os.PathLike) -> io.Location:
     """DIR/<stem>.scored.parquet for an input file (local path or URI)."""
     return io.join(out_dir, f"{os.path.splitext(io.basename(src))[0]}{OUTPUT_SUFFIX}")
@@ -187,27 +190,30 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
     counts = {"rows": 0, "flagged": 0}
     nulls = dict.fromkeys(features, 0)
 
-    # three stages, each at most a few batches ahead (bounded memory): read + validate + encode
-    # (one thread) | network + scores + explanation (`workers` threads; torch, numpy and Arrow
-    # release the GIL) | parquet write (the caller's thread)
-    def encoded() -> Iterator[tuple[int, pa.RecordBatch, np.ndarray]]:
+    # three stages, each at most a few batches ahead (bounded memory): read (one thread) |
+    # validate + encode + network + scores + explanation (`workers` threads; torch, numpy and
+    # Arrow release the GIL; the encoded rows live only inside a worker) | parquet write (the
+    # caller's thread)
+    def read() -> Iterator[tuple[int, pa.RecordBatch]]:
         start = 0
         for batch in iter_batches(src, batch_size, columns=read_cols, column_types=csv_types):
-            n = batch.num_rows
-            if n == 0:
-                continue
-            with _rows(src, start, n):
-                X = _encode_batch(det, batch)
-            yield start, batch, X
-            start += n
+            if batch.num_rows:
+                yield start, batch
+                start += batch.num_rows
 
-    def score(item: tuple[int, pa.RecordBatch, np.ndarray]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
-        start, batch, X = item
-        with _rows(src, start, batch.num_rows):
-            return batch, _score_encoded(det, batch, X, passthrough, out_schema)
+    def score(item: tuple[int, pa.RecordBatch]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+        # in slices of ENCODE_ROWS: a worker's encoded rows and network buffers stay small
+        # whatever --batch-size is (which sets the output's row groups)
+        start, batch = item
+        parts = []
+        for off in range(0, batch.num_rows, ENCODE_ROWS):
+            part = batch.slice(off, ENCODE_ROWS)
+            with _rows(src, start + off, part.num_rows):
+                parts.append(_score_encoded(det, part, _encode_batch(det, part), passthrough, out_schema))
+        return batch, parts[0] if len(parts) == 1 else pa.concat_batches(parts)
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for batch, scored in parallel_map(score, prefetch(encoded()), workers or io.cpu_count()):
+        for batch, scored in parallel_map(score, prefetch(read(), depth=1), workers or io.cpu_count()):
             n = batch.num_rows
             counts["rows"] += n
             counts["flagged"] += scored.column("is_anomaly").true_count

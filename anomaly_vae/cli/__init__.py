@@ -20,7 +20,7 @@ from .state import (INTERNAL_ERROR, SCORING_THREADS, USER_ERROR, CLIError, State
               show_default="$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db", help="MLflow tracking URI.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               show_default="every CPU for score, the detector's rule for training",
-              help="Threads: score/encode workers (each batch on one thread), torch threads otherwise.")
+              help="Threads: score workers (each batch on one thread); torch threads for other commands.")
 @click.option("--device", default=None, metavar="DEVICE", show_default="auto",
               help="Where the network runs for train and score: auto (CUDA when available), cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default=None,
