@@ -208,7 +208,10 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         n_cols = len(self.preprocessor_.spans)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
-        col_nll, kl = self._model_terms(X, owner, n_cols, resolve_device(self.device))
+        device = resolve_device(self.device)
+        if self.precision == "bfloat16" and device.type == "cpu" and not _warned_bf16:
+            _warn_slow_bf16()
+        col_nll, kl = self._model_terms(X, owner, n_cols, device)
         terms = S.scores_from_columns(col_nll, kl)
         if self.config_.score_method == "recon":
             terms = terms._replace(anomaly_score=terms.recon_nll)
@@ -393,6 +396,18 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         tags.input_tags.allow_nan = True
         tags.non_deterministic = False
         return tags
+
+
+_warned_bf16: list[bool] = []
+
+
+def _warn_slow_bf16() -> None:
+    from .model import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        log.warning("precision bfloat16: this CPU has no native bf16 (avx512_bf16/amx), so torch "
+                    "emulates it and scoring is several times slower than float32; use float32 here")
+    _warned_bf16.append(True)
 
 
 def _train_threads(config: Config) -> int:

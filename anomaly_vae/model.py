@@ -1,6 +1,7 @@
 """VAE(nn.Module) for mixed-type rows, and the likelihood terms it is trained and scored with."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -66,6 +67,18 @@ class ColumnLayout(NamedTuple):
         return cls(n_columns, t(own[vae.num_idx.cpu()]), t(torch.nonzero(has_ind.cpu())[:, 0]),
                    t(vae.num_ind[has_ind].cpu()), t(own[vae.ind_idx.cpu()]), blocks, t(block_of),
                    t([int(own[a]) for a, _ in vae.cat_spans]))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX, Linux /proc/cpuinfo).
+    Without it, torch emulates bf16 matmuls: measured 7x slower than float32 on an AVX2 EPYC."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_device(name: str = "auto") -> torch.device:

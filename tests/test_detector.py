@@ -257,6 +257,21 @@ def test_bfloat16_precision_is_deterministic_and_close(frame, fitted):
         VAEAnomalyDetector(precision="int8", **FAST).fit(frame)
 
 
+def test_bfloat16_warns_once_where_the_cpu_has_no_native_bf16(frame, fitted, caplog):
+    import anomaly_vae.detector as D
+    from anomaly_vae.model import cpu_has_native_bf16
+
+    flags = open("/proc/cpuinfo").read()
+    assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    D._warned_bf16.clear()
+    bf = clone_fitted(fitted, precision="bfloat16")
+    with caplog.at_level("WARNING", logger="anomaly_vae.detector"):
+        bf.anomaly_score(frame.head(50))
+        bf.anomaly_score(frame.head(50))
+    warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == (0 if cpu_has_native_bf16() else 1)
+
+
 def clone_fitted(det, **params):
     """A shallow copy of a fitted detector with some runtime params changed (no refit)."""
     import copy
