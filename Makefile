@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The project directory holds the demo's MLflow store (mlruns/, gitignored) for `make demo` and
+# `make ui`; outside make the store defaults to ~/.local/share/anomaly-vae (README: Where the store is).
+STORE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
+
 demo: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/anomaly-vae demo
+	ANOMALY_VAE_HOME="$(CURDIR)" PATH="$(abspath $(BIN)):$$PATH" $(BIN)/anomaly-vae demo
 
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -35,7 +39,7 @@ throughput: $(STAMP)
 
 ui: $(STAMP)
 	mkdir -p mlruns
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+	ANOMALY_VAE_HOME="$(CURDIR)" $(BIN)/mlflow ui --backend-store-uri "$(STORE_URI)" --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .errors import ModelNotFoundError
-from .store import _configured, _ensure_configured, _not_found, _param_value, _quiet_downloads, _quote
+from .store import _ensure_configured, _not_found, _param_value, _quiet_downloads, _quote, in_store
 
 if TYPE_CHECKING:
     from .detector import VAEAnomalyDetector
@@ -46,7 +46,7 @@ def register(run_id: str, name: str) -> int:
     except MlflowException as exc:
         if _not_found(exc):
             raise ModelNotFoundError(f"run {run_id!r} has no logged model at '{MODEL_ARTIFACT_PATH}' "
-                                     f"({exc.message})") from exc
+                                     f"{in_store()} ({exc.message})") from exc
         raise
     return int(mv.version)
 
@@ -58,7 +58,8 @@ def set_alias(name: str, version: int, alias: str) -> None:
         MlflowClient().set_registered_model_alias(name, alias, str(int(version)))
     except MlflowException as exc:
         if _not_found(exc):
-            raise ModelNotFoundError(f"registered model '{name}' version {version} not found") from exc
+            raise ModelNotFoundError(f"registered model '{name}' version {version} not found "
+                                     f"{in_store()}") from exc
         raise
 
 
@@ -88,8 +89,8 @@ def _registered_model(client: MlflowClient, name: str):
     except MlflowException as exc:
         if _not_found(exc):
             known = sorted(m.name for m in client.search_registered_models(max_results=50))
-            raise ModelNotFoundError(f"registered model '{name}' not found; registered models: "
-                                     f"{known or 'none'}") from exc
+            raise ModelNotFoundError(f"registered model '{name}' not found {in_store()}; registered models: "
+                                     f"{', '.join(known) or 'none'}") from exc
         raise
 
 
@@ -159,8 +160,8 @@ def resolve_model_uri(model: str) -> dict[str, Any]:
             logged = client.get_logged_model(m["model_id"])
         except MlflowException as exc:
             if _not_found(exc):
-                raise ModelNotFoundError(f"{model}: logged model '{m['model_id']}' not found in "
-                                         f"{_configured['uri']}") from exc
+                raise ModelNotFoundError(f"{model}: logged model '{m['model_id']}' not found "
+                                         f"{in_store()}") from exc
             raise
         return {"uri": model, "name": None, "version": None, "run_id": logged.source_run_id,
                 "source": logged.artifact_location}
@@ -177,7 +178,7 @@ def resolve_model_uri(model: str) -> dict[str, Any]:
             what = f"alias '@{m['alias']}'" if m["alias"] else f"version {m['version']}"
             have = [f"v{v['version']}" + (f" @{','.join(v['aliases'])}" if v["aliases"] else "")
                     for v in list_versions(name)]
-            raise ModelNotFoundError(f"{model}: registered model '{name}' has no {what}; "
+            raise ModelNotFoundError(f"{model}: registered model '{name}' has no {what} {in_store()}; "
                                      f"versions: {', '.join(have) or 'none'}") from exc
         return {"uri": model, "name": name, "version": int(mv.version), "run_id": mv.run_id,
                 "source": f"models:/{name}/{mv.version}"}
@@ -187,7 +188,7 @@ def resolve_model_uri(model: str) -> dict[str, Any]:
             client.get_run(m["run_id"])
         except MlflowException as exc:
             if _not_found(exc):
-                raise ModelNotFoundError(f"{model}: run '{m['run_id']}' not found in {_configured['uri']}") from exc
+                raise ModelNotFoundError(f"{model}: run '{m['run_id']}' not found {in_store()}") from exc
             raise
         return {"uri": model, "name": None, "version": None, "run_id": m["run_id"], "source": model}
     raise ModelNotFoundError(f"{model}: expected a model directory, runs:/<run_id>/model, "
@@ -200,7 +201,8 @@ def _download(uri: str, dst: str) -> str:
             return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
     except MlflowException as exc:
         if _not_found(exc):
-            raise ModelNotFoundError(f"{uri}: not found in the artifact store ({exc.message})") from exc
+            raise ModelNotFoundError(f"{uri}: not found in the artifact store of {in_store()[3:]} "
+                                     f"({exc.message})") from exc
         raise
     except OSError as exc:
         raise ModelNotFoundError(f"{uri}: cannot download ({exc})") from exc

@@ -1,8 +1,10 @@
 """Where the MLflow store is: choosing and remembering the tracking/registry URI, experiments.
 
-Store: ``sqlite:///<cwd>/mlruns/mlflow.db`` by default (``MLFLOW_TRACKING_URI`` overrides,
-an explicit ``tracking_uri`` overrides both); artifacts of experiments created here go to
-``<db dir>/artifacts``. One of the tracking modules (`store`, `tracking`, `registry`,
+Store (first that is set): an explicit ``tracking_uri`` (``--tracking-uri``) > env
+``MLFLOW_TRACKING_URI`` > ``sqlite:///$ANOMALY_VAE_HOME/mlruns/mlflow.db`` >
+``sqlite:///<$XDG_DATA_HOME or ~/.local/share>/anomaly-vae/mlruns/mlflow.db``; never the current
+directory, so cron jobs and other directories find the same store. Artifacts of experiments
+created here go to ``<db dir>/artifacts``. One of the tracking modules (`store`, `tracking`, `registry`,
 `mlflow_model`), the only ones that import mlflow; light on purpose (no pandas, torch or
 plotting) so that registry commands start fast.
 """
@@ -22,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+HOME_ENV = "ANOMALY_VAE_HOME"           # project directory: its mlruns/ holds the store
 DEFAULT_EXPERIMENT = "anomaly-vae"
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 _configured: dict[str, str] = {}      # the URI chosen by the last `configure` call in this process
@@ -41,22 +43,68 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?", 1)[0]) if uri.startswith("sqlite:////") else None
 
 
+def default_tracking_uri() -> str:
+    """``sqlite:///$ANOMALY_VAE_HOME/mlruns/mlflow.db`` when ANOMALY_VAE_HOME is set (a relative
+    value is taken from the current directory), else
+    ``sqlite:///<$XDG_DATA_HOME or ~/.local/share>/anomaly-vae/mlruns/mlflow.db``; absolute."""
+    home = os.environ.get(HOME_ENV)
+    if home:
+        root = Path(home).expanduser()
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME", "")
+        # the XDG spec ignores relative values
+        root = (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share") / "anomaly-vae"
+    return "sqlite:///" + str((root / "mlruns" / "mlflow.db").resolve())
+
+
+def _user_env_uri() -> str | None:
+    """MLFLOW_TRACKING_URI as the user set it. `mlflow.set_tracking_uri` (in `configure`) writes
+    the variable too, for child processes; a value we wrote ourselves is not the user's choice
+    (else one `--tracking-uri` would become every later default in this process)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI") or None
+    if env is not None and "wrote_env" in _configured and env == _configured["wrote_env"]:
+        return _configured.get("user_env")
+    return env
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> tuple[str, str]:
+    """(URI, where it came from) by the store precedence: `tracking_uri` ("--tracking-uri") >
+    env MLFLOW_TRACKING_URI > env ANOMALY_VAE_HOME > the XDG data directory ("default").
+    Relative SQLite paths are made absolute; nothing is created."""
+    if tracking_uri:
+        uri, source = str(tracking_uri), "--tracking-uri"
+    elif _user_env_uri():
+        uri, source = _user_env_uri(), "MLFLOW_TRACKING_URI"
+    else:
+        uri, source = default_tracking_uri(), HOME_ENV if os.environ.get(HOME_ENV) else "default"
+    return _absolute_sqlite(uri), source
+
+
 def configure(tracking_uri: str | None = None) -> str:
     """Point MLflow tracking and registry at the store; returns the URI in use.
 
-    Precedence: explicit `tracking_uri` > env ``MLFLOW_TRACKING_URI`` > ``sqlite:///mlruns/mlflow.db``
-    (relative to the current directory; made absolute). For SQLite stores the database's
-    directory (``mlruns/``) is created and holds the artifacts (``mlruns/artifacts``).
+    Precedence: explicit `tracking_uri` > env ``MLFLOW_TRACKING_URI`` >
+    ``sqlite:///$ANOMALY_VAE_HOME/mlruns/mlflow.db`` > ``sqlite:///<$XDG_DATA_HOME or
+    ~/.local/share>/anomaly-vae/mlruns/mlflow.db`` (see `resolve_tracking_uri`). For SQLite
+    stores the database's directory (``mlruns/``) is created and holds the artifacts
+    (``mlruns/artifacts``).
     """
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    uri = _absolute_sqlite(str(uri))
+    uri, source = resolve_tracking_uri(tracking_uri)
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+    user_env = _user_env_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    _configured["uri"] = uri
+    _configured.update(uri=uri, user_env=user_env, wrote_env=os.environ.get("MLFLOW_TRACKING_URI"))
+    log.debug("store: %s (from %s)", uri, source)
     return uri
+
+
+def in_store() -> str:
+    """'in store <URI>' for "not found" messages (the store configured last, else the one
+    `configure` would choose)."""
+    return f"in store {_configured.get('uri') or resolve_tracking_uri()[0]}"
 
 
 def _ensure_configured(tracking_uri: str | None = None) -> str:

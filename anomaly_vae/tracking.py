@@ -33,7 +33,7 @@ from .evaluate import evaluate_scores, labels_from
 from .registry import (MODEL_ARTIFACT_PATH, MODEL_DIR_ARTIFACT, get_alias_version, list_models,  # noqa: F401
                        list_versions, load_detector, register, resolve_model_uri, set_alias,
                        set_version_tags)
-from .store import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, _configured, _ensure_configured,  # noqa: F401
+from .store import (DEFAULT_EXPERIMENT, _configured, _ensure_configured,  # noqa: F401
                     _experiment_id, _param_value, _quiet_downloads, _quote, artifact_location, configure,
                     preserve_configuration)
 

@@ -76,10 +76,13 @@ class RetrainResult(NamedTuple):
 
 
 def default_lock_dir(uri: str) -> Path:
-    """<SQLite store dir>/locks for a local store, else ./mlruns/locks."""
-    if uri.startswith("sqlite:////"):
-        return Path(uri[len("sqlite:///"):]).parent / "locks"
-    return Path("mlruns") / "locks"
+    """<SQLite store dir>/locks for a local store, else the locks/ beside the default SQLite store
+    (ANOMALY_VAE_HOME or the XDG data directory; never the working directory)."""
+    from anomaly_vae.store import default_tracking_uri
+
+    if not uri.startswith("sqlite:////"):
+        uri = default_tracking_uri()
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0]).parent / "locks"
 
 
 # ------------------------------------------------------------------ run
@@ -320,8 +323,9 @@ def _split_names(values: Sequence[str]) -> tuple[str, ...]:
               help="Newest partitions held out for evaluation (never trained on).")
 @click.option("--holdout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Rows held out when the window has too few partitions.")
-@click.option("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or "
-                                                   "sqlite:///mlruns/mlflow.db).")
+@click.option("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI, else "
+                                                   "$ANOMALY_VAE_HOME/mlruns/mlflow.db, else "
+                                                   "~/.local/share/anomaly-vae/mlruns/mlflow.db).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True,
               help="Experiment of the decision runs.")
 @click.option("--lock-dir", type=click.Path(file_okay=False), default=None,
@@ -373,6 +377,9 @@ def retrain_command(ctx: click.Context, name: str, data: tuple[str, ...], days: 
         click.echo(f"Error: retrain '{name}' refused: {exc}", err=True)
         ctx.exit(EXIT_BAD_INPUT)
     lines = format_result(result, quiet)
+    if not quiet:
+        from anomaly_vae.store import resolve_tracking_uri
+        lines.append(f"  store: {resolve_tracking_uri(tracking_uri)[0]}")
     click.echo("\n".join(lines), err=result.exit_code != EXIT_OK)
     ctx.exit(result.exit_code)
 

@@ -36,6 +36,19 @@ def mixed_frame(n: int = 1500, seed: int = 0) -> pd.DataFrame:
     })
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_store_home(tmp_path_factory):
+    """The default MLflow store (and anything under XDG_DATA_HOME) lives in a session tmp dir:
+    tests never write to ~ or the repository, also in CLI subprocesses (they inherit the env).
+    MLFLOW_TRACKING_URI is unset so a developer's own store is never used."""
+    home = tmp_path_factory.mktemp("anomaly-vae-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANOMALY_VAE_HOME", str(home / "project"))
+        mp.setenv("XDG_DATA_HOME", str(home / "xdg"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield home
+
+
 @pytest.fixture(scope="session")
 def frame() -> pd.DataFrame:
     return mixed_frame()

@@ -416,8 +416,9 @@ def test_train_register_promote_score_by_alias(data, tmp_path):
     assert "cli-test@champion -> version 1" in r.stdout
     listing = run("--tracking-uri", uri, "models", "list", "cli-test").stdout
     assert "@champion" in listing
-    everything = run("--tracking-uri", uri, "models", "list").stdout.split()     # no NAME: every model
-    assert everything == ["cli-test", "latest", "v1", "@champion=v1"], everything
+    everything = run("--tracking-uri", uri, "models", "list").stdout.splitlines()     # no NAME: every model
+    assert [line.split() for line in everything] == [["cli-test", "latest", "v1", "@champion=v1"],
+                                                     ["store:", uri]], everything
     empty_store = f"sqlite:///{tmp_path / 'empty.db'}"
     assert "no registered models" in run("--tracking-uri", empty_store, "models", "list").stdout
     bad = run("--tracking-uri", uri, "models", "promote", "cli-test", "9", ok=False)
@@ -461,9 +462,12 @@ def test_demo_small_without_mlflow(tmp_path, monkeypatch):
 def test_demo_with_mlflow_registers_champion(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("ANOMALY_VAE_HOME", str(tmp_path / "home"))     # as `make demo` sets it
     r = run("--threads", "1", "demo", "--rows", "3000", "--epochs", "2")
-    assert "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in r.stdout
-    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    store = f"sqlite:///{tmp_path}/home/mlruns/mlflow.db"
+    assert f"mlflow ui --backend-store-uri {store}" in r.stdout and f"store:  {store}" in r.stdout
+    assert (tmp_path / "home" / "mlruns" / "mlflow.db").is_file()
+    monkeypatch.chdir(tmp_path / "data")                               # the store does not move with the cwd
     listing = run("models", "list", "demo-transactions").stdout
     assert "demo-transactions v1" in listing and "@champion" in listing
 

@@ -278,6 +278,7 @@ def first(env):
 def test_e2e_first_run_promotes(env, first):
     assert first.exit_code == 0
     assert first.stdout.startswith("decision=promoted model=payments candidate=v1 champion=v1 exit=0")
+    assert first.stdout.splitlines()[-1] == f"  store: {env['uri']}"
     assert aliases(env) == {"champion": 1, "challenger": 1}
     (run,) = decision_runs(env)
     tags = run.data.tags

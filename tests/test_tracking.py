@@ -17,6 +17,7 @@ from anomaly_vae import ModelNotFoundError
 from anomaly_vae import plots
 from anomaly_vae import tracking as T
 from anomaly_vae.demo import DEMO_EXCLUDE
+from anomaly_vae.store import resolve_tracking_uri
 from conftest import log_demo_model
 
 HISTORY_KEYS = ("loss", "recon_nll", "kl", "beta", "val_loss", "active_units")
@@ -57,15 +58,32 @@ def restore_uri():
 
 
 def test_configure_precedence(tmp_path, monkeypatch, restore_uri):
+    """--tracking-uri > MLFLOW_TRACKING_URI > ANOMALY_VAE_HOME > XDG data dir; never the cwd."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for var in ("MLFLOW_TRACKING_URI", "ANOMALY_VAE_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     uri = T.configure()
-    assert uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"     # default, made absolute
-    assert (tmp_path / "mlruns").is_dir()
+    assert uri == f"sqlite:///{tmp_path.resolve()}/home/.local/share/anomaly-vae/mlruns/mlflow.db"
+    assert not (tmp_path / "mlruns").exists()                            # not the working directory
+    assert (tmp_path / "home/.local/share/anomaly-vae/mlruns").is_dir()
     assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert T.configure() == f"sqlite:///{tmp_path.resolve()}/xdg/anomaly-vae/mlruns/mlflow.db"
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/xdg")                  # ignored, as the XDG spec says
+    assert T.configure() == uri
+    monkeypatch.setenv("ANOMALY_VAE_HOME", str(tmp_path / "project"))
+    assert T.configure() == f"sqlite:///{tmp_path.resolve()}/project/mlruns/mlflow.db"
+    assert resolve_tracking_uri()[1] == "ANOMALY_VAE_HOME"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///envstore/x.db")
     assert T.configure() == f"sqlite:///{tmp_path.resolve()}/envstore/x.db"
     assert T.configure(f"sqlite:///{tmp_path}/explicit.db") == f"sqlite:///{tmp_path}/explicit.db"
+    # MLflow writes MLFLOW_TRACKING_URI itself; that is not the user's choice for the next default
+    assert T.configure() == f"sqlite:///{tmp_path.resolve()}/envstore/x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    T.configure(f"sqlite:///{tmp_path}/explicit.db")
+    assert T.configure() == f"sqlite:///{tmp_path.resolve()}/project/mlruns/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///rel.db") == (f"sqlite:///{tmp_path.resolve()}/rel.db", "--tracking-uri")
     assert T.artifact_location(f"sqlite:///{tmp_path}/m/mlflow.db", "my exp") == \
         (tmp_path / "m" / "artifacts" / "my_exp").as_uri()
     assert T.artifact_location("http://127.0.0.1:5000", "x") is None
@@ -152,9 +170,10 @@ def test_list_versions_and_aliases(store):
         assert T.list_versions(NAME)[1]["aliases"] == ["challenger", "champion"]
     finally:
         T.set_alias(NAME, 1, "champion")
-    with pytest.raises(ModelNotFoundError, match="registered model 'nope' not found"):
+    with pytest.raises(ModelNotFoundError, match=re.escape(f"registered model 'nope' not found in store "
+                                                           f"{store.uri}; registered models: {NAME}")):
         T.list_versions("nope")
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotFoundError, match=re.escape(f"version 99 not found in store {store.uri}")):
         T.set_alias(NAME, 99, "champion")
 
 
@@ -179,16 +198,19 @@ def test_load_detector_gives_identical_scores(store, uri_kind):
 
 
 @pytest.mark.parametrize("uri, message", [
-    (f"models:/{NAME}@nope", "has no alias '@nope'; versions: v1 @champion, v2 @challenger"),
-    (f"models:/{NAME}/7", "has no version 7"),
-    ("models:/unknown-model@champion", "registered model 'unknown-model' not found"),
-    ("runs:/0123456789abcdef0123456789abcdef/model", "run '0123456789abcdef0123456789abcdef' not found"),
-    ("models:/m-0123456789abcdef", "logged model 'm-0123456789abcdef' not found"),
+    (f"models:/{NAME}@nope", "has no alias '@nope' in store {store}; versions: v1 @champion, v2 @challenger"),
+    (f"models:/{NAME}/7", "has no version 7 in store {store}; versions: v1"),
+    ("models:/unknown-model@champion", f"registered model 'unknown-model' not found in store {{store}}; "
+                                       f"registered models: {NAME}"),
+    ("runs:/0123456789abcdef0123456789abcdef/model", "run '0123456789abcdef0123456789abcdef' not found "
+                                                     "in store {store}"),
+    ("models:/m-0123456789abcdef", "logged model 'm-0123456789abcdef' not found in store {store}"),
     ("no/such/dir", "no such model directory"),
     ("s3x:/weird", "expected a model directory, runs:/"),
 ])
 def test_load_detector_not_found(store, uri, message):
-    with pytest.raises(ModelNotFoundError, match=re.escape(message)):
+    """Every "not found" names the store that was searched."""
+    with pytest.raises(ModelNotFoundError, match=re.escape(message.format(store=store.uri))):
         T.load_detector(uri)
 
 

@@ -16,8 +16,10 @@ from .state import (INTERNAL_ERROR, SCORING_THREADS, USER_ERROR, CLIError, State
 @click.version_option(package_name="anomaly-vae")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries; only errors (for cron).")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", metavar="URI",
-              show_default="$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db", help="MLflow tracking URI.")
+@click.option("--tracking-uri", metavar="URI",
+              show_default="$MLFLOW_TRACKING_URI, else sqlite:///$ANOMALY_VAE_HOME/mlruns/mlflow.db, else "
+                           "sqlite:///~/.local/share/anomaly-vae/mlruns/mlflow.db",
+              help="MLflow tracking/registry store.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               show_default="every CPU for score, the detector's rule for training",
               help="Threads: score workers (each batch on one thread); torch threads for other commands.")

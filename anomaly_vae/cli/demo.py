@@ -95,16 +95,13 @@ def demo(state: State, rows: int, data_dir: str, model_dir: str, scored_dir: str
     state.echo("")
     if run is not None:
         state.echo(f"MLflow: run {run.run_id}; registered {register} version {run.version} as @champion")
+        state.echo_store("store:", 8)
         state.echo("next:")
-        state.echo(f"  mlflow ui --backend-store-uri {_ui_uri(state.resolved_uri)}   (or: make ui)")
-        state.echo(f"  anomaly-vae score -m models:/{register}@champion {test_path} -o scored/demo")
+        state.echo(f"  mlflow ui --backend-store-uri {state.resolved_uri}   (or: make ui)")
+        state.echo(f"  anomaly-vae score -m models:/{register}@champion {test_path.resolve()} "
+                   f"-o {Path(scored_dir).resolve()}")
     else:
         state.echo("next:")
-        state.echo(f"  anomaly-vae score -m {model_dir} {test_path} -o scored/demo")
+        state.echo(f"  anomaly-vae score -m {Path(model_dir).resolve()} {test_path.resolve()} "
+                   f"-o {Path(scored_dir).resolve()}")
     state.echo(f"(demo took {time.perf_counter() - t_start:.0f} s)")
-
-
-def _ui_uri(uri: str | None) -> str:
-    """The store URI as `mlflow ui` run from the current directory needs it (relative when default)."""
-    default = "sqlite:///" + str((Path.cwd() / "mlruns" / "mlflow.db").resolve())
-    return "sqlite:///mlruns/mlflow.db" if uri == default else str(uri)

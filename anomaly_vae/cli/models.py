@@ -31,7 +31,7 @@ def models_list(state: State, name: str | None) -> None:
     with state.muted():
         versions = state.tracking().list_versions(name)
     if not versions:
-        raise ModelNotFoundError(f"registered model '{name}' has no versions")
+        raise ModelNotFoundError(f"registered model '{name}' has no versions in store {state.resolved_uri}")
     for v in versions:
         aliases = ",".join(f"@{a}" for a in v.get("aliases") or []) or "-"
         metrics = " ".join(f"{k}={_fmt(m, 3)}" for k, m in sorted((v.get("metrics") or {}).items())
@@ -59,8 +59,9 @@ def models_promote(state: State, name: str, version: int, alias: str) -> None:
         tracking = state.tracking()
         known = {int(v["version"]) for v in tracking.list_versions(name)}
         if version not in known:
-            raise ModelNotFoundError(f"registered model '{name}' has no version {version}; "
-                                     f"versions: {sorted(known) or 'none'}")
+            raise ModelNotFoundError(f"registered model '{name}' has no version {version} in store "
+                                     f"{state.resolved_uri}; versions: "
+                                     f"{', '.join(map(str, sorted(known))) or 'none'}")
         before = tracking.get_alias_version(name, alias)
         tracking.set_alias(name, version, alias)
     was = f" (was version {before})" if before is not None and before != version else ""
@@ -73,7 +74,8 @@ def _list_registered_models(state: State) -> None:
         tracking = state.tracking()                        # configures the store first
         found = tracking.list_models()
     if not found:
-        state.echo(f"no registered models in {state.resolved_uri}")
+        state.echo(f"no registered models in store {state.resolved_uri}")
+        state._store_echoed = True       # already named on this line
         return
     for m in found:
         latest = f"v{m['latest']}" if m["latest"] is not None else "-"

@@ -58,7 +58,10 @@ def _to_cli_error(exc: BaseException) -> CLIError:
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if isinstance(ctx.obj, State):
+                ctx.obj.echo_store()          # every command that used the store names it
+            return result
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to an exit code right here
@@ -127,6 +130,7 @@ class State:
     precision: str | None = None
     resolved_uri: str | None = None
     _tracking: Any = field(default=None, repr=False)
+    _store_echoed: bool = field(default=False, repr=False)
 
     @property
     def progress(self) -> bool:
@@ -136,6 +140,13 @@ class State:
     def echo(self, message: str = "") -> None:
         if not self.quiet:
             click.echo(message)
+
+    def echo_store(self, label: str = "store:", width: int = 9) -> None:
+        """``store:   <URI>`` once per command, if the command used the MLflow store (the group
+        prints it after the command's summary unless the command did so itself)."""
+        if self.resolved_uri is not None and not self._store_echoed:
+            self._store_echoed = True
+            self.echo(f"{label:<{width}}{self.resolved_uri}")
 
     @contextlib.contextmanager
     def muted(self) -> Iterator[None]:

@@ -121,6 +121,7 @@ def _train_summary(state: State, det: Any, n_rows: int, n_anom: int, label: str 
     state.echo(f"model dir:  {out_dir}")
     if run is not None:
         state.echo(f"mlflow run: {run.run_id} ({run.model_uri})")
+        state.echo_store("store:", 12)
         if register:
             state.echo(f"registered: {register} version {run.version} "
                        f"(promote: anomaly-vae models promote {register} {run.version} --alias champion)")
@@ -166,3 +167,4 @@ def evaluate(state: State, model: str, data: tuple[str, ...], label: str, no_mlf
     state.echo(f"flagged:   {metrics['flagged']:,}")
     if metrics.get("run_id"):
         state.echo(f"mlflow run: {metrics['run_id']}")
+    state.echo_store("store:", 11)
