@@ -35,6 +35,7 @@ import click
 import pandas as pd
 
 from anomaly_vae import __version__
+from anomaly_vae.cli.state import State, shared_options
 from anomaly_vae.drift import DEFAULT_ALERT, psi_plot
 from anomaly_vae.errors import AnomalyVAEError
 from pipelines.gates import (DEFAULT_FPR_BAND, DEFAULT_MAX_SCORE_PSI, DEFAULT_TARGET_FPR,
@@ -95,7 +96,7 @@ def run_retrain(name: str, data: Sequence[str], *, days: int | None = None, file
                 tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
                 train_experiment: str = TRAIN_EXPERIMENT, lock_dir: str | Path | None = None,
                 wait: bool = False, wait_timeout: float = 3600.0, threads: int | None = None,
-                force: bool = False) -> RetrainResult:
+                force: bool = False, device: str | None = None, precision: str | None = None) -> RetrainResult:
     """Run one retrain of registered model `name` on a window of `data`; see the module doc.
 
     Raises LockedError (exit 3) when another run holds the lock, and ConfigError / DataError
@@ -109,6 +110,10 @@ def run_retrain(name: str, data: Sequence[str], *, days: int | None = None, file
 
     if days is None and files is None and end_date is None:
         days = DEFAULT_DAYS
+    runtime = {k: v for k, v in (("device", device), ("precision", precision)) if v}
+    if runtime:
+        from anomaly_vae.config import Config
+        Config(**runtime)                   # a bad --device / --precision: ConfigError before anything runs
     uri = tracking.configure(tracking_uri)
     if threads:
         import torch
@@ -146,7 +151,8 @@ def run_retrain(name: str, data: Sequence[str], *, days: int | None = None, file
                               epochs=epochs, seed=seed, target_fpr=target_fpr, tolerance=tolerance,
                               fpr_band=fpr_band, max_score_psi=max_score_psi, psi_alert=psi_alert,
                               holdout_partitions=holdout_partitions, holdout_fraction=holdout_fraction,
-                              train_experiment=train_experiment, threads=threads)
+                              train_experiment=train_experiment, threads=threads,
+                              runtime=runtime)
             status = "FINISHED"
             return result
         except AnomalyVAEError as exc:
@@ -167,7 +173,7 @@ def _retrain(run_id: str, name: str, parts: Sequence[Partition], base: dict[str,
              label: str | None, exclude: Sequence[str], epochs: int | None, seed: int,
              target_fpr: float, tolerance: float, fpr_band: float, max_score_psi: float | None,
              psi_alert: float, holdout_partitions: int, holdout_fraction: float,
-             train_experiment: str, threads: int | None) -> RetrainResult:
+             train_experiment: str, threads: int | None, runtime: dict[str, str]) -> RetrainResult:
     from anomaly_vae import tracking
     from pipelines import record
 
@@ -176,6 +182,7 @@ def _retrain(run_id: str, name: str, parts: Sequence[Partition], base: dict[str,
     champion = None
     if champion_before is not None:
         champion, _ = tracking.load_detector(f"models:/{name}/{champion_before}")
+        champion.set_params(**runtime)                          # --device / --precision
         check_compatible(champion, parts, frames, f"{name} v{champion_before}")
     groups = [p.date or p.path for p in parts]                 # all files of one day stay together
     train_df, holdout_df, how = split_holdout(frames, holdout_partitions, holdout_fraction, groups)
@@ -188,7 +195,7 @@ def _retrain(run_id: str, name: str, parts: Sequence[Partition], base: dict[str,
 
     from anomaly_vae.detector import VAEAnomalyDetector
     candidate = VAEAnomalyDetector(label=label, exclude=tuple(exclude) or None, max_epochs=epochs,
-                                   target_fpr=target_fpr, random_state=seed, n_threads=threads)
+                                   target_fpr=target_fpr, random_state=seed, n_threads=threads, **runtime)
     candidate.fit(train_df)
     warnings = weekday_warning(candidate, train_dates)
     for w in warnings:
@@ -323,9 +330,6 @@ def _split_names(values: Sequence[str]) -> tuple[str, ...]:
               help="Newest partitions held out for evaluation (never trained on).")
 @click.option("--holdout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Rows held out when the window has too few partitions.")
-@click.option("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI, else "
-                                                   "$ANOMALY_VAE_HOME/mlruns/mlflow.db, else "
-                                                   "~/.local/share/anomaly-vae/mlruns/mlflow.db).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True,
               help="Experiment of the decision runs.")
 @click.option("--lock-dir", type=click.Path(file_okay=False), default=None,
@@ -334,28 +338,24 @@ def _split_names(values: Sequence[str]) -> tuple[str, ...]:
               help="Wait for a running retrain to finish instead of exiting with code 3.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), default=3600.0, show_default=True,
               help="Seconds to wait for the lock with --wait.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads.")
 @click.option("--force", is_flag=True, help="Retrain even if this window was already processed.")
-@click.option("--quiet", "-q", is_flag=True, help="Print only the decision line.")
+@shared_options              # -q (only the decision line), --debug, --tracking-uri, --threads, ...
 @click.pass_context
 def retrain_command(ctx: click.Context, name: str, data: tuple[str, ...], days: int | None,
                     last_files: int | None, end_date: dt.datetime | None, label: str | None,
                     exclude: tuple[str, ...], epochs: int | None, seed: int, target_fpr: float,
                     tolerance: float, fpr_band: float, max_score_psi: float, psi_alert: float,
-                    holdout_partitions: int, holdout_fraction: float, tracking_uri: str | None,
+                    holdout_partitions: int, holdout_fraction: float,
                     experiment: str, lock_dir: str | None, wait: bool, wait_timeout: float,
-                    threads: int | None, force: bool, quiet: bool) -> None:
+                    force: bool) -> None:
     """Retrain model NAME on a window of DATA (dated parquet partitions: files, dirs, globs).
 
     Trains a candidate, compares it with the champion on the newest partition, registers it
     as @challenger and moves @champion only when the gates pass. Exit codes: 0 promoted,
     kept or no-op; 1 internal error; 2 bad input (refused); 3 locked by another run.
     """
-    root = ctx.find_root()
-    if root is not ctx:                      # mounted in a group (`anomaly-vae -q retrain ...`)
-        quiet = quiet or bool(root.params.get("quiet"))
-        tracking_uri = tracking_uri or root.params.get("tracking_uri")
-        threads = threads or root.params.get("threads")
+    state = ctx.ensure_object(State)         # the shared options, before or after `retrain`
+    quiet, tracking_uri, threads = state.quiet, state.tracking_uri, state.threads
     muted = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
     if quiet:
         for noisy in ("mlflow", "alembic", "pipelines", "anomaly_vae"):
@@ -369,7 +369,8 @@ def retrain_command(ctx: click.Context, name: str, data: tuple[str, ...], days: 
                 tolerance=tolerance, fpr_band=fpr_band, max_score_psi=max_score_psi,
                 psi_alert=psi_alert, holdout_partitions=holdout_partitions, holdout_fraction=holdout_fraction,
                 tracking_uri=tracking_uri, experiment=experiment, lock_dir=lock_dir, wait=wait,
-                wait_timeout=wait_timeout, threads=threads, force=force)
+                wait_timeout=wait_timeout, threads=threads, force=force, device=state.device,
+                precision=state.precision)
     except LockedError as exc:
         click.echo(f"Error: retrain '{name}' locked out: {exc}", err=True)
         ctx.exit(EXIT_LOCKED)

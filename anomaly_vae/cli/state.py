@@ -16,9 +16,10 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
+from click.core import ParameterSource
 
 from ..errors import AnomalyVAEError, DataError, LockedError, ModelNotFoundError
 
@@ -55,7 +56,40 @@ def _to_cli_error(exc: BaseException) -> CLIError:
                     INTERNAL_ERROR)
 
 
+# Commands imported only when invoked (pipelines/ pulls in pandas, sklearn and torch):
+# name -> (module, attribute, short help shown by `anomaly-vae --help` without importing it).
+LAZY_COMMANDS = {"retrain": ("pipelines.retrain", "retrain_command",
+                             "Retrain on recent dated partitions; promote if better.")}
+
+
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS and name not in self.commands:
+            import importlib
+
+            module, attr, _ = LAZY_COMMANDS[name]
+            self.add_command(shared_options(getattr(importlib.import_module(module), attr)), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of --help, without importing the lazy commands."""
+        names = [n for n in self.list_commands(ctx)]
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = []
+        for name in names:
+            if name in LAZY_COMMANDS and name not in self.commands:
+                rows.append((name, LAZY_COMMANDS[name][2]))
+                continue
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             result = super().invoke(ctx)
@@ -65,7 +99,7 @@ class _Group(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to an exit code right here
-            debug = bool(ctx.find_root().params.get("debug", False))
+            debug = ctx.obj.debug if isinstance(ctx.obj, State) else False
             err = _to_cli_error(exc)
             if debug:
                 if err.exit_code == INTERNAL_ERROR:
@@ -170,6 +204,18 @@ class State:
             self._tracking = tracking
         return self._tracking
 
+    def registry(self) -> Any:
+        """anomaly_vae.registry on the configured store: the registry commands need neither the
+        run-logging code of `tracking` (pandas, plots, sklearn) nor torch."""
+        if self.resolved_uri is None:
+            with self.muted():
+                from .. import store
+                self.resolved_uri = store.configure(self.tracking_uri)
+                logging.getLogger("mlflow").setLevel(logging.ERROR if self.quiet else logging.WARNING)
+                logging.getLogger("alembic").setLevel(logging.ERROR if self.quiet else logging.WARNING)
+        from .. import registry
+        return registry
+
     def set_threads(self) -> None:
         """Torch threads for scoring: --threads, else 1. The scoring MLP is small; on the shared
         2-core machine one thread scored 100k rows in 0.5 s vs 2-3 s with two (OpenMP contention)."""
@@ -211,6 +257,59 @@ class State:
 
 
 pass_state = click.make_pass_decorator(State)
+
+
+# ------------------------------------------------------------------ shared options
+# The one definition of the options every command accepts, before or after its name
+# (`anomaly-vae -q score ...` = `anomaly-vae score ... -q`); a value given after wins.
+SHARED_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--quiet", "-q"), dict(is_flag=True, help="No progress bars or summaries; only errors (for cron).")),
+    (("--debug",), dict(is_flag=True, help="Show tracebacks and debug logs.")),
+    (("--tracking-uri",), dict(metavar="URI", help="MLflow tracking/registry store [default: "
+                                                   "$MLFLOW_TRACKING_URI, else sqlite:///$ANOMALY_VAE_HOME/mlruns/"
+                                                   "mlflow.db, else sqlite:///~/.local/share/anomaly-vae/mlruns/"
+                                                   "mlflow.db]")),
+    (("--threads",), dict(type=click.IntRange(min=1), default=None,
+                          help="Threads: score workers (each batch on one thread); torch threads for other "
+                               "commands [default: every CPU for score, the detector's rule for training].")),
+    (("--device",), dict(default=None, metavar="DEVICE",
+                         help="Where the network runs for train and score: auto (CUDA when available), cpu, "
+                              "cuda, cuda:N [default: auto].")),
+    (("--precision",), dict(type=click.Choice(["float32", "bfloat16"]), default=None,
+                            help="Scoring MLP precision; bfloat16 is faster on CPUs with BF16 (see README: "
+                                 "Speed) [default: the model's (float32)].")),
+)
+SHARED_NAMES = frozenset(decls[0].lstrip("-").replace("-", "_") for decls, _ in SHARED_OPTIONS)
+
+
+def _take_shared(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Callback of a shared option: a value given on the command line goes into the State
+    (created here when the command runs on its own, e.g. `python -m pipelines.retrain`)."""
+    if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+        return
+    state = ctx.ensure_object(State)
+    setattr(state, param.name, value)
+    if param.name in ("quiet", "debug") and isinstance(ctx.find_root().command, _Group):
+        _setup_logging(state.quiet, state.debug)
+
+
+def shared_options(f: Callable | click.Command) -> Any:
+    """Add the SHARED_OPTIONS to a command or group (as a decorator, or on a built command);
+    their values are read from the State (`pass_state`), not passed as arguments."""
+    def options() -> list[click.Option]:
+        return [click.Option(list(decls), expose_value=False, callback=_take_shared, **kw)
+                for decls, kw in SHARED_OPTIONS]
+
+    if isinstance(f, click.Command):
+        if not SHARED_NAMES & {p.name for p in f.params}:
+            f.params.extend(options())
+        if isinstance(f, click.Group):
+            for sub in f.commands.values():
+                shared_options(sub)
+        return f
+    for opt in reversed(options()):
+        click.decorators._param_memo(f, opt)
+    return f
 
 
 def _model_option(f):
