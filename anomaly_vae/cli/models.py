@@ -29,7 +29,7 @@ def models_list(state: State, name: str | None) -> None:
         _list_registered_models(state)
         return
     with state.muted():
-        versions = state.tracking().list_versions(name)
+        versions = state.registry().list_versions(name)
     if not versions:
         raise ModelNotFoundError(f"registered model '{name}' has no versions in store {state.resolved_uri}")
     for v in versions:
@@ -56,7 +56,7 @@ def models_promote(state: State, name: str, version: int, alias: str) -> None:
       anomaly-vae models promote payments 4 --alias challenger
     """
     with state.muted():
-        tracking = state.tracking()
+        tracking = state.registry()
         known = {int(v["version"]) for v in tracking.list_versions(name)}
         if version not in known:
             raise ModelNotFoundError(f"registered model '{name}' has no version {version} in store "
@@ -71,7 +71,7 @@ def models_promote(state: State, name: str, version: int, alias: str) -> None:
 def _list_registered_models(state: State) -> None:
     """One line per registered model: name, latest version, aliases (printed even with --quiet)."""
     with state.muted():
-        tracking = state.tracking()                        # configures the store first
+        tracking = state.registry()                        # configures the store first
         found = tracking.list_models()
     if not found:
         state.echo(f"no registered models in store {state.resolved_uri}")
