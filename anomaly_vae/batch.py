@@ -159,12 +159,16 @@ def _rows(src: "io.Location", start: int, n: int) -> Iterator[None]:
 
 def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.PathLike, *,
                keep: str = "ids", batch_size: int = 65536,
-               progress: Callable[[int], Any] | None = None, workers: int | None = None) -> dict[str, Any]:
+               progress: Callable[[int], Any] | None = None, workers: int | None = None,
+               on_batch: Callable[[pa.RecordBatch, pa.RecordBatch], Any] | None = None) -> dict[str, Any]:
     """Score one file in record batches into parquet `dst` (temp name + rename).
 
     Output columns: the pass-through columns (the model's id columns with keep="ids", every
     input column with keep="all") followed by anomaly_score, recon_nll, kl, p_value,
-    is_anomaly, top_features, explanation. `progress(n)` is called with each batch's row count.
+    is_anomaly, top_features, explanation. `progress(n)` is called with each batch's row count;
+    `on_batch(input_batch, scored_batch)` with each batch, in order, before it is written (on
+    the writer's thread; the input batch holds the pass-through and feature columns), e.g. a
+    `monitor.ScoringMonitor` gathering drift statistics without a second pass.
     `workers` threads score batches in parallel (default: every CPU this process may use; the
     output does not depend on it: each batch is scored on its own, results in order).
     Bad input raises an AnomalyVAEError naming the file and column; no output is left behind.
@@ -212,7 +216,7 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
                 parts.append(_score_encoded(det, part, _encode_batch(det, part), passthrough, out_schema))
         return batch, parts[0] if len(parts) == 1 else pa.concat_batches(parts)
 
-    def batches() -> Iterator[pa.RecordBatch]:
+    def batches() -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
         for batch, scored in parallel_map(score, prefetch(read(), depth=1), workers or io.cpu_count()):
             n = batch.num_rows
             counts["rows"] += n
@@ -221,9 +225,15 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
                 nulls[c] += batch.column(c).null_count
             if progress is not None:
                 progress(n)
+            yield batch, scored
+
+    def observed() -> Iterator[pa.RecordBatch]:
+        for batch, scored in prefetch(batches()):
+            if on_batch is not None:
+                on_batch(batch, scored)
             yield scored
 
-    rows_out = write_stream(dst, out_schema, prefetch(batches()))
+    rows_out = write_stream(dst, out_schema, observed())
     seconds = time.perf_counter() - t0
     if rows_out == 0:
         warnings.append(f"{src}: no rows; wrote an empty {io.basename(dst)}")
@@ -412,7 +422,10 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[io.Location], out_di
                 model_info: dict[str, Any] | None = None, keep: str = "ids", batch_size: int = 65536,
                 resume: bool = False, progress: bool = False, keep_going: bool = False,
                 roots: Sequence[io.Location] | None = None, wait: bool = False,
-                wait_timeout: float = 3600.0, workers: int | None = None) -> dict[str, Any]:
+                wait_timeout: float = 3600.0, workers: int | None = None,
+                on_start: Callable[[], Any] | None = None,
+                on_batch: Callable[[io.Location, pa.RecordBatch, pa.RecordBatch], Any] | None = None,
+                on_input: Callable[[io.Location, str], Any] | None = None) -> dict[str, Any]:
     """Score every input to OUT/<path below its root>/<stem>.scored.parquet (`output_paths`;
     roots default to each input's folder), keeping `_manifest.json` up to date; warnings go to
     each file's entry.
@@ -427,21 +440,36 @@ def score_files(det: "VAEAnomalyDetector", inputs: Sequence[io.Location], out_di
     input is recorded and the others are scored: the summary counts them ("failed") and lists
     their one-line errors ("failures"); the caller decides the exit code.
     Returns the manifest plus a "summary" dict.
+
+    Hooks (for a run record such as `scoring_runs.ScoringRun`): `on_start()` is called once the
+    output lock is held, before any input is read (so a run locked out never calls it);
+    `on_batch(input, input_batch, scored_batch)` with every scored batch (`score_file`);
+    `on_input(input, status)` when an input is over ("done", "skipped" or "failed": then
+    the batches it had passed to `on_batch` have no output).
     """
     out_dir = io.location(out_dir)
     io.makedirs(out_dir)
     targets = output_paths(inputs, out_dir, roots)
     with output_lock(out_dir, wait=wait, timeout=wait_timeout):
+        if on_start is not None:
+            on_start()
         return _score_files_locked(det, list(inputs), targets, out_dir, model_info=model_info, keep=keep,
                                    batch_size=batch_size, resume=resume, progress=progress,
-                                   keep_going=keep_going, workers=workers)
+                                   keep_going=keep_going, workers=workers, on_batch=on_batch,
+                                   on_input=on_input)
 
 
 def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], targets: list[io.Location],
                         out_dir: io.Location, *, model_info: dict[str, Any] | None, keep: str,
                         batch_size: int, resume: bool, progress: bool, keep_going: bool,
-                        workers: int | None = None) -> dict[str, Any]:
+                        workers: int | None = None,
+                        on_batch: Callable[[io.Location, pa.RecordBatch, pa.RecordBatch], Any] | None = None,
+                        on_input: Callable[[io.Location, str], Any] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
+
+    def ended(src: io.Location, status: str) -> None:
+        if on_input is not None:
+            on_input(src, status)
 
     stale = remove_stale_temps(out_dir)
     if stale:
@@ -478,6 +506,7 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
             key = _input_key(src)
             if resume and is_done(files.get(key), src, dst, digest):
                 summary["skipped"] += 1
+                ended(src, "skipped")
                 file_bar.update(1)
                 continue
             entry = {"input": str(src), "output": _output_name(dst), "status": "running",
@@ -490,12 +519,14 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
                 write_manifest(out_dir, manifest)
                 bar = tqdm(total=count_rows(src), desc=io.basename(src), unit="row", unit_scale=True,
                            leave=False, disable=not progress)
+                hook = None if on_batch is None else (lambda b, s, _src=src: on_batch(_src, b, s))
                 stats = score_file(det, src, dst, keep=keep, batch_size=batch_size, progress=bar.update,
-                                   workers=workers)
+                                   workers=workers, on_batch=hook)
             except Exception as exc:  # noqa: BLE001 - one input's failure, whatever it is, is that input's
                 err = exc if isinstance(exc, AnomalyVAEError) else _unexpected(src, exc)
                 entry.update(status="failed", error=_one_line(err), finished=_now())
                 write_manifest(out_dir, manifest)
+                ended(src, "failed")
                 if not keep_going:
                     if err is exc:
                         raise
@@ -518,6 +549,7 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
                 entry["warnings"] = stats["warnings"]
             write_manifest(out_dir, manifest)
             summary["scored"] += 1
+            ended(src, "done")
             for k in ("rows", "flagged", "seconds"):
                 summary[k] += stats["rows_in" if k == "rows" else k]
             file_bar.update(1)

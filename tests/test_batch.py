@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from anomaly_vae import batch, io
-from anomaly_vae.errors import AnomalyVAEError, DataError, SchemaMismatchError
+from anomaly_vae.errors import AnomalyVAEError, DataError, LockedError, SchemaMismatchError
 
 
 SCORE_COLS = ["anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features", "explanation"]
@@ -341,3 +341,41 @@ def test_parallel_workers_write_the_same_bytes_as_one(tmp_path, fitted, scored_r
         assert stats["rows_out"] == len(scored_rows)
         outs.append(pq.read_table(dst))
     assert outs[0].equals(outs[1])               # same rows, order, scores and explanations
+
+
+def test_score_files_hooks_see_every_batch_once_in_order(tmp_path, fitted, scored_rows):
+    """on_start once (under the lock), on_batch with each input batch and its scores before they
+    are written, on_input with each input's outcome; a locked-out run calls none of them."""
+    ind = tmp_path / "in"
+    ind.mkdir()
+    for i in range(2):
+        scored_rows.iloc[i * 200:(i + 1) * 200].to_parquet(ind / f"part-{i}.parquet", index=False)
+    bad = scored_rows.iloc[400:500].copy()
+    bad["amount"] = bad["amount"].astype(str)
+    bad.loc[bad.index[80], "amount"] = "twelve"
+    bad.to_parquet(ind / "part-2.parquet", index=False)
+    events = []
+    hooks = dict(on_start=lambda: events.append(("start", (tmp_path / "out" / batch.LOCK_FILE).exists())),
+                 on_batch=lambda src, b, s: events.append(("batch", Path(src).name, b.num_rows, s.num_rows,
+                                                           b.column("row_id").equals(s.column("row_id")),
+                                                           b.column("row_id").to_pylist())),
+                 on_input=lambda src, status: events.append(("input", Path(src).name, status)))
+    inputs = io.expand_inputs([ind])
+    res = batch.score_files(fitted, inputs, tmp_path / "out", batch_size=64, keep_going=True, workers=3, **hooks)
+    assert res["summary"]["failed"] == 1
+    assert events[0] == ("start", True) and [e[0] for e in events].count("start") == 1
+    for name, rows in (("part-0.parquet", 200), ("part-1.parquet", 200)):
+        seen = [e for e in events if e[0] == "batch" and e[1] == name]
+        assert sum(e[2] for e in seen) == rows and all(e[2] == e[3] and e[4] for e in seen)
+        assert [i for e in seen for i in e[5]] == list(pd.read_parquet(ind / name)["row_id"])   # in order
+    assert 0 < sum(e[2] for e in events if e[0] == "batch" and e[1] == "part-2.parquet") < 100
+    assert [e[1:] for e in events if e[0] == "input"] == [
+        ("part-0.parquet", "done"), ("part-1.parquet", "done"), ("part-2.parquet", "failed")]
+    events.clear()
+    batch.score_files(fitted, inputs[:2], tmp_path / "out", resume=True, **hooks)
+    assert events == [("start", True), ("input", "part-0.parquet", "skipped"), ("input", "part-1.parquet", "skipped")]
+    events.clear()
+    with batch.output_lock(tmp_path / "out"):
+        with pytest.raises(LockedError):
+            batch.score_files(fitted, inputs, tmp_path / "out", **hooks)
+    assert events == []
