@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 HOME_ENV = "ANOMALY_VAE_HOME"           # project directory: its mlruns/ holds the store
 DEFAULT_EXPERIMENT = "anomaly-vae"
+# The MLflow 3 UI opens an experiment on its GenAI "Traces" overview unless told otherwise: the
+# experiment tag below (set on every experiment used here) marks it as classic ML, and the URL
+# parameter in `ui_url` opens the runs table whatever the tag (the UI remembers the last choice).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_QUERY = "workflowType=machine_learning"
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 _configured: dict[str, str] = {}      # the URI chosen by the last `configure` call in this process
 
@@ -143,19 +149,39 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
+    """Id of experiment `name`: created (with the experiment-kind tag) if missing, restored if
+    deleted, tagged as a classic-ML experiment if it has no kind yet."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             log.info("experiment %r was deleted; restoring it", name)
             client.restore_experiment(exp.experiment_id)
+        mark_experiment_kind(client, exp)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(_configured["uri"], name))
+        return client.create_experiment(name, artifact_location=artifact_location(_configured["uri"], name),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:            # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def mark_experiment_kind(client: MlflowClient, experiment: Any) -> None:
+    """Tag `experiment` (an mlflow Experiment) ``mlflow.experimentKind=custom_model_development``
+    unless it already has a kind (someone's choice in the UI is kept)."""
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, tracking_uri: str | None = None) -> str:
+    """Where the MLflow UI shows an experiment's runs table (or one run): the tracking server
+    itself for http(s) stores, else ``http://127.0.0.1:5000`` (``make ui`` / ``mlflow ui``)."""
+    uri = tracking_uri or _configured.get("uri") or ""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    path = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base}/{path}?{UI_QUERY}"
 
 
 def _param_value(v: Any) -> str:

@@ -164,7 +164,7 @@ def _dup_amount(data, dst: Path) -> Path:
 
 def test_duplicate_columns_one_line_exit_2_no_output(data, model_dir, tmp_path):
     src = _dup_amount(data, tmp_path / "dup.parquet")
-    for args in (["score", "-m", model_dir, src, "-o", tmp_path / "scored"],
+    for args in (["score", "--no-mlflow", "-m", model_dir, src, "-o", tmp_path / "scored"],
                  ["train", src, "--no-mlflow", "-o", tmp_path / "m"]):
         r = run(*args, ok=False)
         assert r.exit_code == 2, r.output
@@ -180,17 +180,17 @@ def test_score_hive_layout_keeps_partition_folders(data, model_dir, tmp_path):
         data["frame"].iloc[1600 + 100 * i:1700 + 100 * i].to_parquet(hive / f"dt={day}" / "part-0.parquet",
                                                                      index=False)
     out = tmp_path / "out"
-    r = run("score", "-m", model_dir, str(hive / "dt=*" / "*.parquet"), "-o", out)
+    r = run("score", "--no-mlflow", "-m", model_dir, str(hive / "dt=*" / "*.parquet"), "-o", out)
     assert "2 scored" in r.stdout and "200 scored" in r.stdout
     for i, day in enumerate(("2026-01-01", "2026-01-02")):
         got = pd.read_parquet(out / f"dt={day}" / "part-0.scored.parquet")
         assert got["transaction_id"].tolist() == data["frame"]["transaction_id"].iloc[1600 + 100 * i:
                                                                                      1700 + 100 * i].tolist()
     # the directory itself is searched recursively; --resume recognises the nested outputs
-    r = run("score", "-m", model_dir, hive, "-o", out, "--resume")
+    r = run("score", "--no-mlflow", "-m", model_dir, hive, "-o", out, "--resume")
     assert "0 scored, 2 skipped" in r.stdout
     # a flat directory still gives flat names (no collision)
-    run("-q", "score", "-m", model_dir, data["incoming"], "-o", tmp_path / "flat")
+    run("-q", "score", "--no-mlflow", "-m", model_dir, data["incoming"], "-o", tmp_path / "flat")
     assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == \
         ["_SUCCESS", "_manifest.json", "_score.lock"] + [f"part-{i}.scored.parquet" for i in range(3)]
 
@@ -201,7 +201,7 @@ def test_score_warns_on_missing_id_column_and_empty_inputs(data, model_dir, tmp_
     rows.head(0).to_parquet(tmp_path / "zero.parquet", index=False)
     rows.head(0).to_csv(tmp_path / "header.csv", index=False)
     rows.head(20).to_csv(tmp_path / "rows.csv", index=False)
-    r = run("score", "-m", model_dir, tmp_path / "noid.parquet", tmp_path / "zero.parquet", tmp_path / "header.csv",
+    r = run("score", "--no-mlflow", "-m", model_dir, tmp_path / "noid.parquet", tmp_path / "zero.parquet", tmp_path / "header.csv",
             tmp_path / "rows.csv", "-o", tmp_path / "out")
     warnings = [line for line in r.stderr.splitlines() if line.startswith("WARNING")]
     assert any("noid.parquet" in w and "'transaction_id'" in w for w in warnings), r.stderr
@@ -217,7 +217,7 @@ def test_score_warns_when_a_feature_column_is_null_in_every_row(data, model_dir,
     rows = pd.read_parquet(data["incoming"] / "part-0.parquet")
     rows.assign(amount=np.nan, country=None).to_parquet(tmp_path / "broken.parquet", index=False)
     rows.to_parquet(tmp_path / "fine.parquet", index=False)
-    r = run("score", "-m", model_dir, tmp_path / "broken.parquet", tmp_path / "fine.parquet", "-o", tmp_path / "out")
+    r = run("score", "--no-mlflow", "-m", model_dir, tmp_path / "broken.parquet", tmp_path / "fine.parquet", "-o", tmp_path / "out")
     warnings = [line for line in r.stderr.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and "broken.parquet: column(s) ['amount', 'country'] are null in every row" \
         in warnings[0], r.stderr
@@ -259,7 +259,7 @@ def test_score_directory_matches_explain(data, model_dir, tmp_path):
     from anomaly_vae import VAEAnomalyDetector
 
     out = tmp_path / "scored"
-    r = run("score", "-m", model_dir, data["incoming"], "-o", out, "--batch-size", "64")
+    r = run("score", "--no-mlflow", "-m", model_dir, data["incoming"], "-o", out, "--batch-size", "64")
     assert "3 scored" in r.stdout and "600 scored" in r.stdout and "rows/s" in r.stdout
     det = VAEAnomalyDetector.load(model_dir)
     manifest = json.loads((out / "_manifest.json").read_text())
@@ -279,14 +279,14 @@ def test_score_directory_matches_explain(data, model_dir, tmp_path):
         assert entry["status"] == "done" and entry["rows_in"] == entry["rows_out"] == 200
         assert entry["flagged"] == int(got["is_anomaly"].sum())
     # --keep all passes every input column through
-    run("-q", "score", "-m", model_dir, data["incoming"] / "part-0.parquet", "-o", tmp_path / "all", "--keep", "all")
+    run("-q", "score", "--no-mlflow", "-m", model_dir, data["incoming"] / "part-0.parquet", "-o", tmp_path / "all", "--keep", "all")
     cols = list(pd.read_parquet(tmp_path / "all" / "part-0.scored.parquet").columns)
     assert cols == list(data["frame"].columns) + SCORE_COLS
 
 
 def test_resume_after_interrupted_run(data, model_dir, tmp_path):
     out = tmp_path / "scored"
-    run("-q", "score", "-m", model_dir, data["incoming"], "-o", out)
+    run("-q", "score", "--no-mlflow", "-m", model_dir, data["incoming"], "-o", out)
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.scored.parquet")}
     assert len(done) == 3
     # simulate a run killed while writing part-1: its output and manifest entry are gone,
@@ -297,7 +297,7 @@ def test_resume_after_interrupted_run(data, model_dir, tmp_path):
     (out / "_manifest.json").write_text(json.dumps(manifest))
     (out / ".part-1.scored.parquet.tmp-0badc0de").write_bytes(b"half a parquet file")
 
-    r = run("score", "-m", model_dir, data["incoming"], "-o", out, "--resume")
+    r = run("score", "--no-mlflow", "-m", model_dir, data["incoming"], "-o", out, "--resume")
     assert "1 scored, 2 skipped" in r.stdout and "200 scored" in r.stdout
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.scored.parquet")}
     assert after["part-0.scored.parquet"] == done["part-0.scored.parquet"]     # not rewritten
@@ -307,7 +307,7 @@ def test_resume_after_interrupted_run(data, model_dir, tmp_path):
     files = json.loads((out / "_manifest.json").read_text())["files"]
     assert len(files) == 3 and {e["status"] for e in files.values()} == {"done"}
     # without --resume everything is scored again
-    run("-q", "score", "-m", model_dir, data["incoming"], "-o", out)
+    run("-q", "score", "--no-mlflow", "-m", model_dir, data["incoming"], "-o", out)
     assert all(p.stat().st_mtime_ns != done.get(p.name) for p in out.glob("part-[02].scored.parquet"))
 
 
@@ -328,7 +328,7 @@ def _bad_files(data, d: Path) -> dict[str, tuple[Path, list[str]]]:
 def test_bad_input_exit_2_one_line_no_output(case, data, model_dir, tmp_path):
     src, must_name = _bad_files(data, tmp_path)[case]
     out = tmp_path / "scored"
-    r = run("score", "-m", model_dir, src, "-o", out, "--batch-size", "64", ok=False)
+    r = run("score", "--no-mlflow", "-m", model_dir, src, "-o", out, "--batch-size", "64", ok=False)
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
@@ -343,9 +343,9 @@ def test_keep_going_scores_the_good_inputs_and_still_exits_2(data, model_dir, tm
     srcs = [data["incoming"] / "part-0.parquet", bad["strings"][0], bad["corrupt"][0],
             data["incoming"] / "part-2.parquet"]
     out = tmp_path / "scored"
-    r = run("score", "-m", model_dir, *srcs, "-o", out, "--batch-size", "64", ok=False)
+    r = run("score", "--no-mlflow", "-m", model_dir, *srcs, "-o", out, "--batch-size", "64", ok=False)
     assert r.exit_code == 2 and not (out / "part-2.scored.parquet").exists()    # default: stop
-    r = run("score", "-m", model_dir, *srcs, "-o", out, "--resume", "--keep-going", ok=False)
+    r = run("score", "--no-mlflow", "-m", model_dir, *srcs, "-o", out, "--resume", "--keep-going", ok=False)
     assert r.exit_code == 2, r.output
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: 2 of 4 input(s) failed") and "strings.parquet" in last
@@ -360,12 +360,12 @@ def test_installed_entry_point_bad_input_and_quiet(data, model_dir, tmp_path):
     """The console script itself: exit code 2 + one stderr line; --quiet success prints nothing."""
     src, _ = _bad_files(data, tmp_path)["strings"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    bad = subprocess.run([str(ENTRY_POINT), "score", "-m", str(model_dir), str(src), "-o", str(tmp_path / "o")],
+    bad = subprocess.run([str(ENTRY_POINT), "score", "--no-mlflow", "-m", str(model_dir), str(src), "-o", str(tmp_path / "o")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.count("\n") == 1 and "strings.parquet" in bad.stderr and "'amount'" in bad.stderr
     assert not list((tmp_path / "o").glob("*.parquet"))
-    good = subprocess.run([str(ENTRY_POINT), "--quiet", "score", "-m", str(model_dir),
+    good = subprocess.run([str(ENTRY_POINT), "--quiet", "score", "--no-mlflow", "-m", str(model_dir),
                            str(data["incoming"] / "part-2.parquet"), "-o", str(tmp_path / "q")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert (good.returncode, good.stdout, good.stderr) == (0, "", "")
@@ -373,9 +373,9 @@ def test_installed_entry_point_bad_input_and_quiet(data, model_dir, tmp_path):
 
 
 def test_quiet_score_prints_nothing(data, model_dir, tmp_path):
-    r = run("--quiet", "score", "-m", model_dir, data["incoming"], "-o", tmp_path / "s")
+    r = run("--quiet", "score", "--no-mlflow", "-m", model_dir, data["incoming"], "-o", tmp_path / "s")
     assert r.output == ""
-    assert run("score", "-m", tmp_path / "no-such-model", data["incoming"], "-o", tmp_path / "s2",
+    assert run("score", "--no-mlflow", "-m", tmp_path / "no-such-model", data["incoming"], "-o", tmp_path / "s2",
                ok=False).exit_code == 2
 
 
@@ -430,7 +430,7 @@ def test_train_register_promote_score_by_alias(data, tmp_path):
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["model"]["name"] == "cli-test" and manifest["model"]["version"] == 1
     # same scores as the local model dir written by the same train command
-    run("-q", "score", "-m", tmp_path / "m", data["incoming"], "-o", tmp_path / "local")
+    run("-q", "score", "--no-mlflow", "-m", tmp_path / "m", data["incoming"], "-o", tmp_path / "local")
     a = pd.read_parquet(out / "part-0.scored.parquet")
     b = pd.read_parquet(tmp_path / "local" / "part-0.scored.parquet")
     pd.testing.assert_frame_equal(a, b)
@@ -496,16 +496,16 @@ def test_device_and_precision_options(tmp_path, data, model_dir):
     import torch
 
     src = data["incoming"] / "part-0.parquet"
-    run("-q", "score", "-m", model_dir, src, "-o", tmp_path / "default")
-    run("-q", "--device", "cpu", "score", "-m", model_dir, src, "-o", tmp_path / "cpu")
+    run("-q", "score", "--no-mlflow", "-m", model_dir, src, "-o", tmp_path / "default")
+    run("-q", "--device", "cpu", "score", "--no-mlflow", "-m", model_dir, src, "-o", tmp_path / "cpu")
     a = pd.read_parquet(tmp_path / "default" / "part-0.scored.parquet")
     b = pd.read_parquet(tmp_path / "cpu" / "part-0.scored.parquet")
     if not torch.cuda.is_available():          # auto = cpu here
         pd.testing.assert_frame_equal(a, b)
-        r = run("-q", "--device", "cuda", "score", "-m", model_dir, src, "-o", tmp_path / "gpu", ok=False)
+        r = run("-q", "--device", "cuda", "score", "--no-mlflow", "-m", model_dir, src, "-o", tmp_path / "gpu", ok=False)
         assert r.exit_code == 2 and "CUDA is not available" in r.output
-    r = run("-q", "--device", "tpu", "score", "-m", model_dir, src, "-o", tmp_path / "x", ok=False)
+    r = run("-q", "--device", "tpu", "score", "--no-mlflow", "-m", model_dir, src, "-o", tmp_path / "x", ok=False)
     assert r.exit_code == 2 and "device" in r.output
-    run("-q", "--precision", "bfloat16", "score", "-m", model_dir, src, "-o", tmp_path / "bf16")
+    run("-q", "--precision", "bfloat16", "score", "--no-mlflow", "-m", model_dir, src, "-o", tmp_path / "bf16")
     c = pd.read_parquet(tmp_path / "bf16" / "part-0.scored.parquet")
     np.testing.assert_allclose(c.anomaly_score, a.anomaly_score, rtol=0.05, atol=1.0)

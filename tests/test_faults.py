@@ -94,7 +94,7 @@ def env(tmp_path_factory) -> dict:
     cli("-q", "train", root / "train.parquet", "--label", "label", *EXCLUDE, "--epochs", "3",
         "--no-mlflow", "-o", model)
     clean = root / "clean"
-    cli("-q", "score", "-m", model, incoming, "-o", clean)
+    cli("-q", "score", "--no-mlflow", "-m", model, incoming, "-o", clean)
     return {"root": root, "incoming": incoming, "model": model, "clean": scores(clean), "frame": df}
 
 
@@ -116,7 +116,7 @@ def assert_equals_clean(out: Path, clean: dict[str, pd.DataFrame]) -> None:
                                     pytest.param("7-done", marks=pytest.mark.slow)])
 def test_sigkill_score_then_resume_scores_every_input_once_equal_to_a_clean_run(env, tmp_path, moment):
     out = tmp_path / "out"
-    proc = start("-q", "score", "-m", env["model"], env["incoming"], "-o", out, "--batch-size", "100")
+    proc = start("-q", "score", "--no-mlflow", "-m", env["model"], env["incoming"], "-o", out, "--batch-size", "100")
     if moment == "first-temp":
         wait_for(lambda: temps(out), proc, what="the first temp file")
     elif moment.startswith("mid-file"):
@@ -128,7 +128,7 @@ def test_sigkill_score_then_resume_scores_every_input_once_equal_to_a_clean_run(
     kill(proc)
     done_before = {n: (out / n).stat().st_mtime_ns for n in env["clean"] if (out / n).exists()}
     assert len(done_before) < N_PARTS                     # the kill really interrupted the run
-    r = cli("score", "-m", env["model"], env["incoming"], "-o", out, "--resume")
+    r = cli("score", "--no-mlflow", "-m", env["model"], env["incoming"], "-o", out, "--resume")
     assert f"{len(done_before)} skipped (done)" in r.stdout or not done_before
     assert_equals_clean(out, env["clean"])
     # what was finished before the kill was kept, not rescored
@@ -141,27 +141,27 @@ def test_second_score_into_the_same_directory_exits_3_or_waits_and_nothing_is_lo
     other_in = tmp_path / "other"
     other_in.mkdir()
     env["frame"].iloc[:300].to_parquet(other_in / "extra.parquet", index=False)
-    first = start("-q", "score", "-m", env["model"], env["incoming"], "-o", out, "--batch-size", "100")
+    first = start("-q", "score", "--no-mlflow", "-m", env["model"], env["incoming"], "-o", out, "--batch-size", "100")
     wait_for(lambda: n_done(out) >= 1 and temps(out), first, what="the first run mid-file")
     first.send_signal(signal.SIGSTOP)                     # hold it mid-write, lock taken
     try:
         live = temps(out)
         assert live
         # refused at once, exit 3, and the live run's temp file is left alone
-        r = cli("score", "-m", env["model"], other_in, "-o", out, check=False)
+        r = cli("score", "--no-mlflow", "-m", env["model"], other_in, "-o", out, check=False)
         assert r.returncode == 3, r.stderr
         assert "another `score` run is writing into this output directory" in r.stderr
         assert "--wait" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         # same with --resume and identical inputs
-        r = cli("score", "-m", env["model"], env["incoming"], "-o", out, "--resume", check=False)
+        r = cli("score", "--no-mlflow", "-m", env["model"], env["incoming"], "-o", out, "--resume", check=False)
         assert r.returncode == 3, r.stderr
         # a run into the parent directory (another lock) cleans stale temps, never live ones
         stale = out / f".part-9.scored.parquet.tmp-{_dead_pid()}-0badc0de"
         stale.write_bytes(b"left by a killed run")
-        cli("-q", "score", "-m", env["model"], other_in, "-o", tmp_path)
+        cli("-q", "score", "--no-mlflow", "-m", env["model"], other_in, "-o", tmp_path)
         assert all(p.exists() for p in live) and not stale.exists()
         # --wait queues behind the first run
-        second = start("-q", "score", "-m", env["model"], other_in, "-o", out, "--wait")
+        second = start("-q", "score", "--no-mlflow", "-m", env["model"], other_in, "-o", out, "--wait")
         time.sleep(1.0)
         assert second.poll() is None                      # still waiting for the lock
     finally:
@@ -190,20 +190,20 @@ def test_resume_refuses_when_the_model_directory_was_retrained(env, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(env["model"], model)
     out = tmp_path / "out"
-    proc = start("-q", "score", "-m", model, env["incoming"], "-o", out, "--batch-size", "100")
+    proc = start("-q", "score", "--no-mlflow", "-m", model, env["incoming"], "-o", out, "--batch-size", "100")
     wait_for(lambda: n_done(out) >= 3, proc, what="3 finished files")
     kill(proc)
     kept = {p.name: p.read_bytes() for p in out.glob("*.scored.parquet")}
     old_threshold = manifest(out)["threshold"]
     cli("-q", "train", env["root"] / "train.parquet", "--label", "label", *EXCLUDE, "--epochs", "3",
         "--seed", "1", "--no-mlflow", "-o", model)
-    r = cli("score", "-m", model, env["incoming"], "-o", out, "--resume", check=False)
+    r = cli("score", "--no-mlflow", "-m", model, env["incoming"], "-o", out, "--resume", check=False)
     assert r.returncode == 2, r.stderr
     assert "written by another model" in r.stderr and "the model changed since that run" in r.stderr
     assert {p.name: p.read_bytes() for p in out.glob("*.scored.parquet")} == kept      # nothing mixed
     assert manifest(out)["threshold"] == old_threshold
     # without --resume every input is rescored with the new model, and the manifest says so
-    cli("-q", "score", "-m", model, env["incoming"], "-o", out)
+    cli("-q", "score", "--no-mlflow", "-m", model, env["incoming"], "-o", out)
     m = manifest(out)
     assert {e["model_sha256"] for e in m["files"].values()} == {m["model"]["sha256"]}
     assert len(m["files"]) == N_PARTS and m["threshold"] != old_threshold
@@ -212,11 +212,11 @@ def test_resume_refuses_when_the_model_directory_was_retrained(env, tmp_path):
 def test_resume_recognises_outputs_however_the_paths_are_typed(env, tmp_path):
     out = tmp_path / "out"
     rel = {k: os.path.relpath(env[k], tmp_path) for k in ("model", "incoming")}
-    cli("-q", "score", "-m", rel["model"], rel["incoming"], "-o", "out", cwd=tmp_path)     # relative
-    r = cli("score", "-m", os.path.relpath(env["model"], out), os.path.relpath(env["incoming"], out),
+    cli("-q", "score", "--no-mlflow", "-m", rel["model"], rel["incoming"], "-o", "out", cwd=tmp_path)     # relative
+    r = cli("score", "--no-mlflow", "-m", os.path.relpath(env["model"], out), os.path.relpath(env["incoming"], out),
             "-o", ".", "--resume", cwd=out)                                              # from inside
     assert f"0 scored, {N_PARTS} skipped" in r.stdout
-    r = cli("score", "-m", env["model"], env["incoming"], "-o", out.resolve(), "--resume")  # absolute
+    r = cli("score", "--no-mlflow", "-m", env["model"], env["incoming"], "-o", out.resolve(), "--resume")  # absolute
     assert f"0 scored, {N_PARTS} skipped" in r.stdout
 
 
@@ -233,7 +233,7 @@ def test_keep_going_survives_every_failure_inside_one_input_and_mixed_offsets_be
     rows.assign(amount=pd.to_timedelta(rows["amount"], unit="s")).to_parquet(land / "c-duration.parquet", index=False)
     rows.to_parquet(land / "d-good.parquet", index=False)
     out = tmp_path / "out"
-    r = cli("score", "-m", env["model"], land, "-o", out, "--keep-going", check=False)
+    r = cli("score", "--no-mlflow", "-m", env["model"], land, "-o", out, "--keep-going", check=False)
     assert r.returncode == 2, r.stderr
     assert "internal error" not in r.stderr and "Traceback" not in r.stderr
     assert "files:   2 scored, 2 failed" in r.stdout
@@ -248,7 +248,7 @@ def test_keep_going_survives_every_failure_inside_one_input_and_mixed_offsets_be
     ref = pd.read_parquet(out / "d-good.scored.parquet")
     pd.testing.assert_frame_equal(got, ref)
     # --resume retries only the failed ones
-    r = cli("score", "-m", env["model"], land, "-o", out, "--keep-going", "--resume", check=False)
+    r = cli("score", "--no-mlflow", "-m", env["model"], land, "-o", out, "--keep-going", "--resume", check=False)
     assert "0 scored, 2 skipped (done), 2 failed" in r.stdout
 
 
@@ -266,7 +266,7 @@ def test_train_with_one_absurd_value_warns_and_keeps_the_column(env, tmp_path):
     rows = env["frame"].iloc[2000:2500]
     rows.to_parquet(tmp_path / "normal.parquet", index=False)
     rows.assign(amount=rows["amount"] * 1000).to_parquet(tmp_path / "huge.parquet", index=False)
-    cli("-q", "score", "-m", model, tmp_path / "normal.parquet", tmp_path / "huge.parquet", "-o", tmp_path / "s")
+    cli("-q", "score", "--no-mlflow", "-m", model, tmp_path / "normal.parquet", tmp_path / "huge.parquet", "-o", tmp_path / "s")
     normal = pd.read_parquet(tmp_path / "s" / "normal.scored.parquet")["is_anomaly"].mean()
     huge = pd.read_parquet(tmp_path / "s" / "huge.scored.parquet")["is_anomaly"].mean()
     assert normal < 0.1 and huge > 0.9
@@ -365,7 +365,7 @@ def test_sigkill_train_over_an_existing_model_leaves_the_old_or_the_new_model(en
         pytest.skip(f"a save takes {n} filesystem steps")
     assert _train_killed_at(point, env["root"] / "train.parquet", model, 1, tmp_path) == -signal.SIGKILL
     out = tmp_path / "out"
-    cli("-q", "score", "-m", model, env["incoming"] / "part-0.parquet", "-o", out)
+    cli("-q", "score", "--no-mlflow", "-m", model, env["incoming"] / "part-0.parquet", "-o", out)
     got = manifest(out)["model"]["sha256"]
     assert got in (two_models["old"], two_models["new"])
     if point in ("fit", "save", "step-1"):
@@ -376,5 +376,5 @@ def test_sigkill_train_over_an_existing_model_leaves_the_old_or_the_new_model(en
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model") and not p.name.endswith(".lock"))
     assert len(left) <= 2 and not any(".lnk-" in p or ".tmp-" in p for p in left), left
     shutil.rmtree(out)
-    cli("-q", "score", "-m", model, env["incoming"] / "part-0.parquet", "-o", out)
+    cli("-q", "score", "--no-mlflow", "-m", model, env["incoming"] / "part-0.parquet", "-o", out)
     assert manifest(out)["model"]["sha256"] == two_models["new"]

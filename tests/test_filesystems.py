@@ -184,7 +184,7 @@ def test_cli_scores_s3_end_to_end(s3, fitted, rows, tmp_path):
     fitted.save(model)
     _hive_on_s3("s3://lake/cli-in", rows)
     env = {**os.environ, **s3, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
-    cmd = [str(ENTRY_POINT), "-q", "score", "-m", str(model), "s3://lake/cli-in/", "-o", "s3://lake/cli-out"]
+    cmd = [str(ENTRY_POINT), "-q", "score", "--no-mlflow", "-m", str(model), "s3://lake/cli-in/", "-o", "s3://lake/cli-out"]
     r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert _keys("s3://lake/cli-out") == ["_SUCCESS", "_manifest.json"] + [

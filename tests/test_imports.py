@@ -9,7 +9,8 @@ from pathlib import Path
 import anomaly_vae
 
 PKG = Path(anomaly_vae.__file__).parent
-MLFLOW_MODULES = {"anomaly_vae.store", "anomaly_vae.tracking", "anomaly_vae.registry", "anomaly_vae.mlflow_model"}
+MLFLOW_MODULES = {"anomaly_vae.store", "anomaly_vae.tracking", "anomaly_vae.registry", "anomaly_vae.mlflow_model",
+                  "anomaly_vae.scoring_runs"}
 
 
 def _module_name(file: Path) -> str:

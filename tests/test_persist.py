@@ -322,7 +322,7 @@ def test_cli_exit_2_names_the_broken_file(fitted, frame, tmp_path):
     data = tmp_path / "in.parquet"
     frame.head(20).to_parquet(data)
     entry = os.path.join(os.path.dirname(sys.executable), "anomaly-vae")
-    r = subprocess.run([entry, "score", "-m", str(tmp_path / "m"), str(data), "-o", str(tmp_path / "out")],
+    r = subprocess.run([entry, "score", "--no-mlflow", "-m", str(tmp_path / "m"), str(data), "-o", str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -389,7 +389,7 @@ def test_cli_refuses_an_unsigned_model_when_a_key_is_set(fitted, frame, tmp_path
     data = tmp_path / "in.parquet"
     frame.head(20).to_parquet(data)
     entry = os.path.join(os.path.dirname(sys.executable), "anomaly-vae")
-    r = subprocess.run([entry, "score", "-m", path, str(data), "-o", str(tmp_path / "out")],
+    r = subprocess.run([entry, "score", "--no-mlflow", "-m", path, str(data), "-o", str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, "ANOMALY_VAE_SIGNING_KEY": KEY})
     assert r.returncode == 2 and "not signed" in r.stderr and KEY not in r.stderr + r.stdout, r.stderr
@@ -400,7 +400,7 @@ def test_cli_scores_with_a_model_an_interrupted_save_left_without_its_path(fitte
     data = tmp_path / "in.parquet"
     frame.head(30).to_parquet(data)
     entry = os.path.join(os.path.dirname(sys.executable), "anomaly-vae")
-    r = subprocess.run([entry, "score", "-m", str(tmp_path / "models" / "m"), str(data),
+    r = subprocess.run([entry, "score", "--no-mlflow", "-m", str(tmp_path / "models" / "m"), str(data),
                         "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "interrupted save" in r.stderr

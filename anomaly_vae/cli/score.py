@@ -1,13 +1,14 @@
 """`anomaly-vae score`, `encode` and `sample`: use a model on files."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import click
 
 from ..errors import DataError
-from .state import State, _model_option, pass_state
+from .state import State, _mlflow_options, _model_option, pass_state
 
 
 # ------------------------------------------------------------------ score
@@ -27,9 +28,12 @@ from .state import State, _model_option, pass_state
               help="If another score run is writing into OUTPUT, wait for it instead of exiting 3.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), default=3600.0, show_default=True,
               help="Seconds to wait for the other run with --wait.")
+@_mlflow_options
 @pass_state
-def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: str, batch_size: int,
-          resume: bool, keep_going: bool, wait: bool, wait_timeout: float) -> None:
+@click.pass_context
+def score(ctx: click.Context, state: State, model: str, inputs: tuple[str, ...], output: str, keep: str,
+          batch_size: int, resume: bool, keep_going: bool, wait: bool, wait_timeout: float, no_mlflow: bool,
+          experiment: str) -> None:
     """Score INPUTS (parquet/CSV files, directories searched recursively, or globs) in
     streamed batches.
 
@@ -44,6 +48,14 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
     are scored first, and the exit code is still 2. Nightly jobs: --resume --keep-going.
     --resume refuses (exit 2) when the model changed since the manifest was written. One run at
     a time per OUTPUT: a second one exits 3 at once (or waits, with --wait).
+
+    Each invocation is one MLflow run (unless --no-mlflow), tag anomaly_vae.run_type=scoring,
+    in the experiment of the model's training run (a local model directory, or --experiment
+    given: that experiment): rows, flagged, flag_rate vs target_fpr, score quantiles, per-feature
+    and score PSI against the training profile, files scored/skipped/failed, rows/s, a score
+    histogram over the calibration scores and the top 100 flagged rows. A run that fails
+    ends FAILED; one locked out by another run (exit 3) logs nothing. See README: Nightly runs
+    in the MLflow UI.
 
     An id column of the model missing from an input, or an input with no rows, is a warning
     (on stderr unless -q, and in the file's _manifest.json entry), not an error: the file is still scored,
@@ -60,12 +72,26 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
     pairs = io.expand_inputs_with_roots(inputs)
     det, info = state.load_model(model)
     _one_torch_thread_per_worker()
+    files = [f for f, _ in pairs]
+    run = None if no_mlflow else _scoring_run(
+        ctx, state, det, info, files, experiment,
+        {"output": output, "batch_size": batch_size, "keep": keep, "resume": resume, "keep_going": keep_going})
+    hooks = {} if run is None else {"on_start": run.start, "on_batch": run.on_batch, "on_input": run.on_input}
     t0 = time.perf_counter()
-    result = batch.score_files(det, [f for f, _ in pairs], output, model_info=info, keep=keep, workers=state.threads,
-                               batch_size=batch_size, resume=resume, progress=state.progress,
-                               keep_going=keep_going, roots=[r for _, r in pairs], wait=wait,
-                               wait_timeout=wait_timeout)
-    wall = time.perf_counter() - t0
+    try:
+        result = batch.score_files(det, files, output, model_info=info, keep=keep, workers=state.threads,
+                                   batch_size=batch_size, resume=resume, progress=state.progress,
+                                   keep_going=keep_going, roots=[r for _, r in pairs], wait=wait,
+                                   wait_timeout=wait_timeout, **hooks)
+        wall = time.perf_counter() - t0
+        if run is not None:
+            with state.muted():
+                run.finish(result["summary"])
+    except BaseException as exc:       # bad input, SIGTERM (SystemExit), Ctrl-C: the run ends FAILED
+        if run is not None:
+            with state.muted():
+                run.fail(exc)
+        raise
     s = result["summary"]
     rate = s["rows"] / wall if wall > 0 else 0.0
     label = info["uri"] if info.get("version") is None else f"{info['name']} v{info['version']} ({info['uri']})"
@@ -75,6 +101,9 @@ def score(state: State, model: str, inputs: tuple[str, ...], output: str, keep: 
     state.echo(f"rows:    {s['rows']:,} scored, {s['flagged']:,} flagged "
                f"({100 * s['flagged'] / max(s['rows'], 1):.2f}%), {rate:,.0f} rows/s")
     state.echo(f"output:  {output} (manifest {io.join(output, batch.MANIFEST)})")
+    if run is not None:
+        state.echo(f"mlflow:  run {run.run_id} ({'FAILED' if s['failed'] else 'FINISHED'}) in {run.tracking_uri}")
+        state.echo(f"ui:      {run.experiment_ui()}")
     if s["failed"]:
         raise DataError(f"{s['failed']} of {s['files']} input(s) failed (the others were scored; see "
                         f"{io.join(output, batch.MANIFEST)}); first: {s['failures'][0]}")
@@ -85,6 +114,23 @@ def _one_torch_thread_per_worker() -> None:
     torch ops on one thread: faster than intra-op threads for this small MLP, no oversubscription."""
     import torch
     torch.set_num_threads(1)
+
+
+def _scoring_run(ctx: click.Context, state: State, det, info: dict, files: list, experiment: str,
+                 params: dict):
+    """The MLflow run record of this invocation; it opens itself (store, experiment, run) on a
+    thread once the output lock is held, so importing MLflow overlaps with scoring."""
+    import logging
+
+    from ..scoring_runs import ScoringRun
+
+    explicit = ctx.get_parameter_source("experiment") not in (click.core.ParameterSource.DEFAULT, None)
+    for name in ("mlflow", "alembic"):        # as State.tracking() does, without importing MLflow here
+        logging.getLogger(name).setLevel(logging.ERROR if state.quiet else logging.WARNING)
+    if not state.progress:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return ScoringRun(det, info, experiment=experiment, explicit_experiment=explicit, inputs=files,
+                      params=params, tracking_uri=state.resolved_uri or state.tracking_uri)
 
 
 # ------------------------------------------------------------------ sample / encode

@@ -1,0 +1,356 @@
+"""MLflow runs of `anomaly-vae score`: one run per invocation, beside the model's training run.
+
+A `ScoringRun` is made before scoring (cheap: nothing imported or written yet), started by
+`batch.score_files` once the output lock is held (`start`; a run locked out by another `score`
+never opens one), fed every scored batch (`on_batch`, a `monitor.ScoringMonitor`) and ended
+FINISHED (`finish`) or FAILED (`fail`: bad input, --keep-going failures, SIGTERM, Ctrl-C).
+
+`start` opens the MLflow run on a background thread (importing MLflow and opening the store
+take seconds, and overlap with scoring: torch releases the GIL); `finish` / `fail` wait for it.
+
+The run goes to the experiment of the model's training run (from the registered version or
+the run of a runs:/ or models:/<model_id> URI), else to the named experiment; tag
+``anomaly_vae.run_type=scoring`` tells it apart from ``training`` / ``evaluation`` / ``retrain``
+runs. It is linked to the logged model it used (a run input of type model, MLflow 3) and tagged
+``model_name`` / ``model_version`` / ``model_uri`` (a local model directory: ``model_path``).
+
+One of the tracking modules, the only ones that import mlflow (here inside functions).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from . import __version__
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from .detector import VAEAnomalyDetector
+    from .monitor import ScoringMonitor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "anomaly-vae"      # = store.DEFAULT_EXPERIMENT (not imported: it loads mlflow)
+RUN_TYPE_TAG = "anomaly_vae.run_type"
+RUN_TYPE = "scoring"
+MAX_LISTED_INPUTS = 20          # inputs named in the `inputs` param (the count is `n_inputs`)
+MAX_PARAM_CHARS = 500
+TOP_ROWS_ARTIFACT = "flagged/top_flagged.csv"
+_LOGGED_MODEL = re.compile(r"^models:/(m-[0-9a-f]+)/?$")
+_METRIC_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+class ScoringRun:
+    """The MLflow run of one `score` invocation (see the module docstring).
+
+    det, model_info : the detector and `registry.load_detector`'s info dict (uri, name, version, run_id)
+    experiment : experiment for models without a training run, or for every model with
+        `explicit_experiment`
+    inputs, params : what the run was asked to do (params: output, batch_size, keep, resume, ...)
+    tracking_uri : the store (default: the one `store.configure` chose, else env / default)
+    background : open the run on a thread (False: in `start`, e.g. for tests of timing)
+    """
+
+    def __init__(self, det: "VAEAnomalyDetector", model_info: Mapping[str, Any], *,
+                 experiment: str = DEFAULT_EXPERIMENT, explicit_experiment: bool = False,
+                 inputs: Sequence[Any] = (), params: Mapping[str, Any] | None = None,
+                 tracking_uri: str | None = None, run_name: str | None = None,
+                 background: bool = True) -> None:
+        from .monitor import ScoringMonitor
+
+        self.det = det
+        self.info = dict(model_info)
+        self.experiment = experiment
+        self.explicit_experiment = explicit_experiment
+        self.inputs = [str(p) for p in inputs]
+        self.params = dict(params or {})
+        self.run_name = run_name
+        self.background = background
+        self.tracking_uri = tracking_uri
+        self.experiment_id: str | None = None
+        self.run_id: str | None = None
+        self.client: Any = None
+        self.monitor: ScoringMonitor = ScoringMonitor(
+            getattr(det, "reference_", None) or {}, getattr(det, "calibration_scores_", []), det.schema_,
+            det.threshold_, passthrough=list(det.schema_.ids))
+        self.monitor_error: str | None = None
+        self._t0 = 0.0
+        self._opener: threading.Thread | None = None
+        self._open_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ opening
+    def _experiment_id(self) -> str:
+        """The training run's experiment (unless explicit), else `experiment` (created if missing)."""
+        from mlflow.exceptions import MlflowException
+
+        from .store import _experiment_id, mark_experiment_kind
+
+        run_id = self.info.get("run_id")
+        if run_id and not self.explicit_experiment:
+            try:
+                exp_id = self.client.get_run(run_id).info.experiment_id
+                mark_experiment_kind(self.client, self.client.get_experiment(exp_id))
+                return exp_id
+            except MlflowException as exc:
+                log.warning("training run %s of %s not readable (%s); logging to experiment %r",
+                            run_id, self.info.get("uri"), exc.message, self.experiment)
+        return _experiment_id(self.client, self.experiment)
+
+    def _model_id(self) -> str | None:
+        """The MLflow 3 logged model behind the model used (None for a local directory)."""
+        from mlflow.exceptions import MlflowException
+
+        from .registry import MODEL_ARTIFACT_PATH
+
+        uri, name, version = self.info.get("uri") or "", self.info.get("name"), self.info.get("version")
+        try:
+            if name and version is not None:      # a version's source is its logged model (MLflow 3)
+                mv = self.client.get_model_version(name, str(version))
+                m = _LOGGED_MODEL.match(getattr(mv, "model_id", None) and f"models:/{mv.model_id}" or mv.source or "")
+                if m:
+                    return m[1]
+            m = _LOGGED_MODEL.match(uri)
+            if m:
+                return m[1]
+            if self.info.get("run_id"):
+                run = self.client.get_run(self.info["run_id"])
+                for out in getattr(run.outputs, "model_outputs", None) or []:
+                    if self.client.get_logged_model(out.model_id).name == MODEL_ARTIFACT_PATH:
+                        return out.model_id
+        except MlflowException as exc:
+            log.warning("cannot find the logged model of %s (%s); the run is linked by tags only",
+                        uri, exc.message)
+        return None
+
+    def _tags(self, model_id: str | None) -> dict[str, str]:
+        from .tracking import _owner_tags
+
+        info = self.info
+        tags = {RUN_TYPE_TAG: RUN_TYPE, **_owner_tags(), "model_uri": str(info.get("uri"))}
+        if info.get("name"):
+            tags["model_name"] = str(info["name"])
+        if info.get("version") is not None:
+            tags["model_version"] = str(info["version"])
+        if info.get("run_id"):
+            tags["anomaly_vae.training_run_id"] = str(info["run_id"])
+        if model_id:
+            tags["model_id"] = model_id
+        if not (info.get("name") or info.get("run_id") or str(info.get("uri", "")).startswith("models:/")):
+            tags["model_path"] = str(info.get("uri"))       # a local model directory: no version
+        return tags
+
+    def _params(self) -> list[Any]:
+        from mlflow.entities import Param
+
+        listed = self.inputs[:MAX_LISTED_INPUTS]
+        text = ", ".join(listed) + (f", ... (+{len(self.inputs) - len(listed)} more)"
+                                    if len(self.inputs) > len(listed) else "")
+        if len(text) > MAX_PARAM_CHARS:
+            text = text[:MAX_PARAM_CHARS - 3] + "..."
+        values = {"inputs": text, "n_inputs": len(self.inputs), **self.params,
+                  "threshold": float(self.det.threshold_), "anomaly_vae_version": __version__}
+        return [Param(k, str(v)) for k, v in values.items() if v is not None]
+
+    def _open(self) -> None:
+        """Import MLflow, open the store, find the experiment, create the run with its tags,
+        params and model link (the part that takes seconds)."""
+        from mlflow.entities import LoggedModelInput
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        from . import plots  # noqa: F401 - matplotlib is needed by `finish`: import it here, off the main path
+        from .store import _ensure_configured
+        from .tracking import end_interrupted_runs
+
+        self.tracking_uri = _ensure_configured(self.tracking_uri)
+        self.client = MlflowClient()
+        self.experiment_id = self._experiment_id()
+        end_interrupted_runs(self.client, self.experiment_id)
+        model_id = self._model_id()
+        name = self.run_name or f"score {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=self._tags(model_id))
+        self.run_id = run.info.run_id
+        self.client.log_batch(self.run_id, params=self._params())
+        if model_id:
+            try:
+                self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
+            except MlflowException as exc:      # e.g. a server older than MLflow 3
+                log.warning("cannot link run %s to logged model %s: %s", self.run_id, model_id, exc.message)
+
+    def _open_safely(self) -> None:
+        try:
+            self._open()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread by `_opened`
+            self._open_error = exc
+
+    def _opened(self) -> bool:
+        """Wait for the run to be open; re-raise what opening it raised. False if never started."""
+        if self._opener is None:
+            return False
+        self._opener.join()
+        if self._open_error is not None:
+            err, self._open_error = self._open_error, None
+            raise err
+        return self.run_id is not None
+
+    # ------------------------------------------------------------------ hooks
+    def start(self) -> None:
+        """Start opening the run (on a thread unless background=False) and the clock."""
+        self._t0 = time.perf_counter()
+        self._opener = threading.Thread(target=self._open_safely, name="mlflow-scoring-run", daemon=True)
+        if self.background:
+            self._opener.start()
+        else:
+            self._opener.run()
+
+    def on_batch(self, source: Any, batch: "pa.RecordBatch", scored: "pa.RecordBatch") -> None:
+        """Feed one scored batch to the monitor. A monitor failure (a bug) never fails the
+        scoring: it is logged once, monitoring stops and the run gets tag anomaly_vae.monitor_error."""
+        if self.monitor_error is not None:
+            return
+        try:
+            self.monitor.update(batch, scored, str(source))
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            self.monitor_error = f"{type(exc).__name__}: {exc}"
+            log.warning("scoring-run statistics stopped (scores are not affected): %s", self.monitor_error,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+
+    def on_input(self, source: Any, status: str) -> None:
+        """An input is over; a failed one's batches leave the statistics (it has no output)."""
+        if status == "failed" and self.monitor_error is None:
+            self.monitor.discard(str(source))
+
+    # ------------------------------------------------------------------ end
+    def metrics(self, summary: Mapping[str, Any] | None = None, seconds: float | None = None) -> dict[str, float]:
+        """Everything logged as a metric; `summary` is `batch.score_files`'s (None when it raised)."""
+        if seconds is None:
+            seconds = time.perf_counter() - self._t0 if self._t0 else 0.0
+        out = {} if self.monitor_error else self.monitor.metrics()
+        cal = getattr(self.det, "calibration_", None) or {}
+        out.update({"threshold": float(self.det.threshold_), "seconds": seconds})
+        if cal.get("method") == "contamination":
+            out["contamination"] = float(cal["contamination"])
+        else:
+            out["target_fpr"] = float(self.det.config_.target_fpr)
+        if summary is not None:
+            out.update({"rows": float(summary["rows"]), "flagged": float(summary["flagged"]),
+                        "flag_rate": summary["flagged"] / summary["rows"] if summary["rows"] else 0.0,
+                        "files": float(summary["files"]), "files_scored": float(summary["scored"]),
+                        "files_skipped": float(summary["skipped"]), "files_failed": float(summary["failed"])})
+        if "rows" in out:
+            out["rows_per_s"] = out["rows"] / seconds if seconds > 0 else 0.0
+        return {_metric_key(k): float(v) for k, v in out.items() if v is not None and v == v}
+
+    def _log_results(self, summary: Mapping[str, Any] | None, error: str | None,
+                     seconds: float | None = None) -> dict[str, float]:
+        from mlflow.entities import Metric, RunTag
+
+        metrics = self.metrics(summary, seconds)
+        now = int(time.time() * 1000)
+        tags = [RunTag(k, v[:5000]) for k, v in (("anomaly_vae.error", error),
+                                                 ("anomaly_vae.monitor_error", self.monitor_error)) if v]
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=tags)
+        if self.monitor_error is None and self.monitor.rows:
+            self._log_artifacts(summary)
+        elif summary is not None:
+            self.client.log_dict(self.run_id, _summary_json(summary), "summary.json")
+        return metrics
+
+    def _log_artifacts(self, summary: Mapping[str, Any] | None) -> None:
+        from . import plots
+        from .drift import psi_plot
+
+        mon = self.monitor
+        table = mon.drift_table()
+        with tempfile.TemporaryDirectory(prefix="anomaly-vae-run-") as tmp:
+            root = Path(tmp)
+            for sub in ("drift", "flagged", "plots"):
+                (root / sub).mkdir()
+            table.to_csv(root / "drift" / "drift.csv", index=False)
+            (root / "drift" / "drift.json").write_text(table.to_json(orient="records", indent=1))
+            mon.top_rows().to_csv(root / TOP_ROWS_ARTIFACT, index=False)
+            plots.scores_vs_calibration(mon.score_sample(), mon.calibration_scores, mon.threshold).savefig(
+                root / "plots" / "score_histogram.png", dpi=100)
+            psi_plot(table).savefig(root / "drift" / "psi.png", dpi=100)
+            if summary is not None:
+                (root / "summary.json").write_text(json.dumps(_summary_json(summary), indent=1, default=str))
+            self.client.log_artifacts(self.run_id, str(root))
+
+    def finish(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        """Log metrics and artifacts of a run that went through every input; end it FINISHED,
+        or FAILED when some input failed (--keep-going). Returns the metrics."""
+        seconds = time.perf_counter() - self._t0 if self._t0 else 0.0     # scoring, not logging
+        self._opened()
+        failed = bool(summary.get("failed"))
+        error = f"{summary['failed']} input(s) failed; first: {summary['failures'][0]}" if failed else None
+        metrics = self._log_results(summary, error, seconds)
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        return metrics
+
+    def fail(self, exc: BaseException) -> None:
+        """End the run FAILED after `exc` (what was gathered so far is logged). Never raises:
+        the original error is what the caller reports. Nothing to do if the run never started."""
+        try:
+            if not self._opened():
+                return
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if isinstance(exc, SystemExit):
+                what = f"stopped by a signal (exit {exc.code})"
+            try:
+                self._log_results(None, " ".join(what.split()))
+            finally:
+                self.client.set_terminated(self.run_id, "FAILED")
+        except Exception as err:  # noqa: BLE001 - the scoring error matters more
+            log.warning("could not end scoring run %s as FAILED: %s", self.run_id, err)
+
+    def ui(self) -> str:
+        """The run in the MLflow UI."""
+        from .store import ui_url
+        return ui_url(self.experiment_id, self.run_id, self.tracking_uri)
+
+    def experiment_ui(self) -> str:
+        """The experiment's runs table in the MLflow UI."""
+        from .store import ui_url
+        return ui_url(self.experiment_id, None, self.tracking_uri)
+
+
+def _metric_key(name: str) -> str:
+    return _METRIC_KEY.sub("_", name)
+
+
+def _summary_json(summary: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: summary[k] for k in ("files", "scored", "skipped", "failed", "failures", "rows", "flagged")
+            if k in summary}
+
+
+def scoring_runs(experiment: str = DEFAULT_EXPERIMENT, *, tracking_uri: str | None = None,
+                 model_name: str | None = None, max_results: int = 100) -> list[dict[str, Any]]:
+    """Scoring runs of `experiment`, oldest first: {"run_id", "status", "start_time" (UTC ISO),
+    "model_name", "model_version", **metrics} (e.g. to chart flag_rate per night in a notebook)."""
+    from mlflow.tracking import MlflowClient
+
+    from .store import _ensure_configured
+
+    _ensure_configured(tracking_uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    where = f"tags.`{RUN_TYPE_TAG}` = '{RUN_TYPE}'"
+    if model_name:
+        where += f" and tags.model_name = '{model_name}'"
+    runs = client.search_runs([exp.experiment_id], filter_string=where,
+                              order_by=["attributes.start_time DESC"], max_results=max_results)
+    return [{"run_id": r.info.run_id, "status": r.info.status,
+             "start_time": datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).isoformat(),
+             "model_name": r.data.tags.get("model_name"), "model_version": r.data.tags.get("model_version"),
+             **r.data.metrics} for r in reversed(runs)]
+
