@@ -22,6 +22,7 @@ from anomaly_vae import tracking as T
 from anomaly_vae.cli import main
 from anomaly_vae.demo import make_transactions
 from anomaly_vae.drift import drift_table
+from anomaly_vae.scoring_runs import scoring_runs
 from conftest import log_demo_model
 
 NAME = "runs-payments"
@@ -128,6 +129,10 @@ def test_nightly_runs_beside_the_training_run_with_metrics_drift_and_model_link(
         assert json.loads(top["explanation"].iloc[0])[0]["column"]
 
     quiet, drifted = runs
+    with T.preserve_configuration():                 # the notebook view of the same runs, oldest first
+        nights = scoring_runs(EXPERIMENT, tracking_uri=env.uri, model_name=NAME)
+    assert [n["run_id"] for n in nights][-2:] == [quiet.info.run_id, drifted.info.run_id]
+    assert nights[-1]["flag_rate"] == drifted.data.metrics["flag_rate"] and nights[-1]["model_version"] == "1"
     assert drifted.data.metrics["psi_amount"] > 0.25 > quiet.data.metrics["psi_amount"]
     assert drifted.data.metrics["psi_card_present"] > 0.25 > quiet.data.metrics["psi_card_present"]
     assert drifted.data.metrics["flag_rate"] > quiet.data.metrics["flag_rate"]
