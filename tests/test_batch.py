@@ -368,7 +368,8 @@ def test_score_files_hooks_see_every_batch_once_in_order(tmp_path, fitted, score
         seen = [e for e in events if e[0] == "batch" and e[1] == name]
         assert sum(e[2] for e in seen) == rows and all(e[2] == e[3] and e[4] for e in seen)
         assert [i for e in seen for i in e[5]] == list(pd.read_parquet(ind / name)["row_id"])   # in order
-    assert 0 < sum(e[2] for e in events if e[0] == "batch" and e[1] == "part-2.parquet") < 100
+    # the failing input: at most the batches before the bad one (with 3 workers maybe none)
+    assert sum(e[2] for e in events if e[0] == "batch" and e[1] == "part-2.parquet") < 100
     assert [e[1:] for e in events if e[0] == "input"] == [
         ("part-0.parquet", "done"), ("part-1.parquet", "done"), ("part-2.parquet", "failed")]
     events.clear()
