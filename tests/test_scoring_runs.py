@@ -59,7 +59,7 @@ def env(tmp_path_factory, new_mlflow_store):
         df.iloc[:600].to_parquet(d / "part-0.parquet", index=False)
         df.iloc[600:].to_parquet(d / "part-1.parquet", index=False)
         nights[night] = (d, df)
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     return SimpleNamespace(uri=uri, root=root, det=det, run=run, nights=nights, client=client,
                            exp_id=client.get_experiment_by_name(EXPERIMENT).experiment_id)
 

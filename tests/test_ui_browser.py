@@ -90,7 +90,7 @@ def ui(tmp_path_factory, new_mlflow_store):
             r = CliRunner().invoke(main, ["-q", "--tracking-uri", uri, "score", "-m", f"models:/{NAME}@champion",
                                           str(src), "-o", str(root / f"scored-{night}")])
             assert r.exit_code == 0, (r.output, r.exception)
-        client = MlflowClient(uri)
+        client = MlflowClient(uri, registry_uri=uri)
         exp = client.get_experiment_by_name("ui-payments")
         runs = client.search_runs([exp.experiment_id], filter_string="tags.`anomaly_vae.run_type` = 'scoring'",
                                   order_by=["attributes.start_time ASC"])
