@@ -152,12 +152,15 @@ def column_error(det: "VAEAnomalyDetector", df_or_contrib: Any, *, y: Any = None
 
 
 def scores_vs_calibration(scores: Any, calibration_scores: Any, threshold: float | None = None, *,
-                          clip_quantile: float = 0.995, title: str = "scores of this run vs calibration") -> Figure:
-    """Density histograms of new anomaly scores (e.g. a scoring run's sample) over the model's
-    calibration scores (held-out normal rows), with the threshold: a shift of the blue mass
-    away from the grey one is score drift; the blue area right of the line is the flag rate.
+                          title: str = "scores of this run vs calibration") -> Figure:
+    """Density histograms (log scale) of new anomaly scores (e.g. a scoring run's sample) over
+    the model's calibration scores (held-out normal rows), with the threshold: a shift of the
+    blue mass away from the grey one is score drift; the blue area right of the line is the
+    flag rate.
 
-    Scores above the `clip_quantile` of both sets pile into the last bin (counted in the title).
+    The x axis spans the calibration scores' bulk and the threshold (up to the calibration
+    99.9th percentile plus half the threshold's distance from the minimum); higher scores pile
+    into the last bin, counted in the title.
     """
     new = np.asarray(scores, dtype=np.float64).ravel()
     cal = np.asarray(calibration_scores, dtype=np.float64).ravel()
@@ -167,10 +170,12 @@ def scores_vs_calibration(scores: Any, calibration_scores: Any, threshold: float
     both = np.r_[new, cal]
     text = title
     if len(both):
-        lo, hi = float(both.min()), float(np.quantile(both, clip_quantile))
+        lo = float(both.min())
+        ref = cal if len(cal) else new
+        hi = float(np.quantile(ref, 0.999))
         if threshold is not None and np.isfinite(threshold):
             hi = max(hi, float(threshold))
-        hi = hi if hi > lo else lo + 1.0
+        hi = hi + 0.5 * (hi - lo) if hi > lo else lo + 1.0
         bins = np.linspace(lo, hi, 61)
         for name, values, color in (("calibration (held-out normal rows)", cal, "grey"),
                                     ("this run", new, NORMAL_COLOR)):
@@ -180,10 +185,11 @@ def scores_vs_calibration(scores: Any, calibration_scores: Any, threshold: float
         above = int((new > hi).sum())
         if above:
             text += f"; {above:,} scores above {hi:.3g} in the last bin"
+        ax.set_yscale("log")
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
     ax.set_xlabel("anomaly_score (nats)")
-    ax.set_ylabel("density")
+    ax.set_ylabel("density (log scale)")
     ax.set_title(text, fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)

@@ -102,7 +102,9 @@ def score(ctx: click.Context, state: State, model: str, inputs: tuple[str, ...],
                f"({100 * s['flagged'] / max(s['rows'], 1):.2f}%), {rate:,.0f} rows/s")
     state.echo(f"output:  {output} (manifest {io.join(output, batch.MANIFEST)})")
     if run is not None:
-        state.echo(f"mlflow:  run {run.run_id} ({'FAILED' if s['failed'] else 'FINISHED'}) in {run.tracking_uri}")
+        state.resolved_uri = state.resolved_uri or run.tracking_uri      # printed as "store:" below
+        state.echo(f"mlflow:  run {run.run_id} ({'FAILED' if s['failed'] else 'FINISHED'}), "
+                   f"experiment {run.experiment_id}")
         state.echo(f"ui:      {run.experiment_ui()}")
     if s["failed"]:
         raise DataError(f"{s['failed']} of {s['files']} input(s) failed (the others were scored; see "
