@@ -117,7 +117,7 @@ def ui(tmp_path_factory, new_mlflow_store):
                 proc.wait(timeout=15)
 
 
-@pytest.mark.slow     # 40-140 s on the shared 2-core machine (server start, training, two page loads);
+@pytest.mark.slow     # 24 s idle, up to 140 s loaded on the shared 2-core machine (server, training, two pages);
                       # .ci/run runs this file on its own after the default suite
 def test_runs_view_shows_scoring_runs_beside_training_with_metrics(ui):
     browser = _chromium()
