@@ -71,16 +71,18 @@ def _params(det: "VAEAnomalyDetector") -> dict[str, str]:
 
 
 def _history_metrics(det: "VAEAnomalyDetector", now_ms: int) -> list[Metric]:
+    """Per-epoch metrics; step = the epoch number, 1-based as in the CLI summary and the plots."""
     h = det.history_.to_dict()
     return [Metric(key, float(v), now_ms, step) for key in HISTORY_METRICS
-            for step, v in enumerate(h.get(key) or []) if v is not None and np.isfinite(v)]
+            for step, v in enumerate(h.get(key) or [], start=1) if v is not None and np.isfinite(v)]
 
 
 def _scalar_metrics(det: "VAEAnomalyDetector") -> dict[str, float]:
     h, cal = det.history_, det.calibration_
     out = {"threshold": det.threshold_, "calibration_flag_rate": cal.get("calibration_flag_rate"),
            "train_flag_rate": cal.get("train_flag_rate"), "n_calibration": cal.get("n_calibration"),
-           "epochs": len(h.loss), "best_epoch": h.best_epoch, "fit_seconds": det.fit_seconds_}
+           "epochs": len(h.loss), "best_epoch": h.best_epoch + 1,          # 1-based, as in the summary
+           "fit_seconds": det.fit_seconds_}
     if h.val_loss:
         out["best_val_loss"] = h.val_loss[h.best_epoch] if h.best_epoch < len(h.val_loss) else min(h.val_loss)
     if h.active_units:

@@ -31,7 +31,7 @@ class History:
     val_recon_nll: list[float] = field(default_factory=list)
     val_kl: list[float] = field(default_factory=list)
     active_units: list[int] = field(default_factory=list)
-    best_epoch: int = 0
+    best_epoch: int = 0              # 0-based index into the lists; shown everywhere as epoch best_epoch + 1
     seconds: float = 0.0
     stopped_early: bool = False
     posterior_collapse: str = ""     # why the kept weights look collapsed ("" when they do not)
@@ -135,7 +135,8 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
     best, best_state, bad_epochs, step = float("inf"), None, 0, 0
     warm_epochs = int(np.ceil(config.kl_warmup * epochs))
     t0 = time.perf_counter()
-    bar = tqdm(range(epochs), desc="train", unit="epoch", disable=not progress, leave=False)
+    # the counter shows epochs done (1-based, as everywhere), the postfix the losses
+    bar = tqdm(range(epochs), desc="train", unit="epoch", disable=not progress, leave=False, dynamic_ncols=True)
     for epoch in bar:
         vae.train()
         perm = torch.randperm(n, generator=gen)
@@ -172,7 +173,7 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
         bar.set_postfix(loss=f"{sums[0]:.3f}", val=f"{v_loss:.3f}", au=hist.active_units[-1],
                         **({"collapse": "yes"} if collapsed else {}))
         if not np.isfinite(sums[0]):
-            log.warning("training loss became non-finite at epoch %d; keeping the best weights", epoch)
+            log.warning("training loss became non-finite at epoch %d; keeping the best weights", epoch + 1)
             break
         if epoch + 1 < warm_epochs:        # early stopping starts once beta reached its target
             continue
@@ -194,6 +195,8 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
     if hist.posterior_collapse:
         log.warning("posterior collapse: %s. The latent code carries almost no information; "
                     "lower beta, use free_bits, or a smaller latent_dim", hist.posterior_collapse)
-    log.info("trained %d epochs in %.1fs (best epoch %d, val loss %.4f, active units %d/%d)",
+    # debug only: the fit time users see is the detector's fit_seconds_ (preprocessing and
+    # calibration included), printed once by the CLI summary / verbose fit
+    log.debug("training loop: %d epochs in %.1fs (best epoch %d, val loss %.4f, active units %d/%d)",
              len(hist.loss), hist.seconds, hist.best_epoch + 1, best, hist.active_units[-1], vae.latent_dim)
     return hist

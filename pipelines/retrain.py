@@ -177,12 +177,16 @@ def _retrain(run_id: str, name: str, parts: Sequence[Partition], base: dict[str,
     from anomaly_vae import tracking
     from pipelines import record
 
-    frames = load_partitions(parts, label)
     champion_before = tracking.get_alias_version(name, "champion")
     champion = None
     if champion_before is not None:
         champion, _ = tracking.load_detector(f"models:/{name}/{champion_before}")
         champion.set_params(**runtime)                          # --device / --precision
+        if label is None and champion.label:                   # as `evaluate`: the model's label column
+            label = champion.label
+            log.info("label column %r: the one champion v%s was trained with", label, champion_before)
+    frames = load_partitions(parts, label)
+    if champion is not None:
         check_compatible(champion, parts, frames, f"{name} v{champion_before}")
     groups = [p.date or p.path for p in parts]                 # all files of one day stay together
     train_df, holdout_df, how = split_holdout(frames, holdout_partitions, holdout_fraction, groups)
@@ -311,7 +315,8 @@ def _split_names(values: Sequence[str]) -> tuple[str, ...]:
               help="Window: the last N partitions instead of days.")
 @click.option("--end-date", type=click.DateTime(["%Y-%m-%d"]), default=None,
               help="Newest partition date in the window (default: the newest present).")
-@click.option("--label", default=None, help="Label column (1 = anomaly): enables AUPRC/AUROC gates.")
+@click.option("--label", default=None, metavar="COL", show_default="the champion's label column, if it had one",
+              help="Label column (1 = anomaly): enables AUPRC/AUROC gates.")
 @click.option("--exclude", multiple=True, help="Columns not to model (repeat or comma-separate).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Max training epochs.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -434,3 +434,18 @@ def test_e2e_wait_takes_the_lock_when_released(env, first, held_lock):
         timer.join()
     assert r.exit_code == 0 and r.stdout.startswith("decision=noop")
     assert time.perf_counter() - t0 >= 1.0
+
+
+def test_e2e_label_defaults_to_the_champions(env, first):
+    """No --label on a model whose champion was trained with one: the champion's label column is
+    used (as `evaluate` does), so the label is neither a feature nor are the AUPRC gates lost."""
+    args = ["payments", str(env["data"]), *FIRST_WINDOW, "--force", "--exclude", ",".join(DEMO_EXCLUDE),
+            "--epochs", "5", "--threads", "1", "--tracking-uri", env["uri"]]
+    r = CliRunner().invoke(retrain_command, args)
+    print(f"\n$ retrain payments data/ (no --label, champion has one)   [exit {r.exit_code}]\n{r.stdout}{r.stderr}")
+    assert r.exit_code == 0, r.output
+    run = decision_runs(env)[-1]
+    assert "candidate_auprc" in run.data.metrics and "champion_auprc" in run.data.metrics
+    version = run.data.tags["candidate_version"]
+    cand = client_for(env).get_run(client_for(env).get_model_version("payments", version).run_id)
+    assert cand.data.params["label"] == "label"

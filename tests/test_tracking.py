@@ -102,9 +102,10 @@ def test_run_params_metrics_and_tags(store):
     n_epochs = len(store.det.history_.loss)
     for key in HISTORY_KEYS:
         hist = client.get_metric_history(run.info.run_id, key)
-        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(n_epochs)), key
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(1, n_epochs + 1)), key
         assert sorted(hist, key=lambda m: m.step)[-1].value == pytest.approx(getattr(store.det.history_, key)[-1])
     m = run.data.metrics
+    assert m["best_epoch"] == store.det.history_.best_epoch + 1          # 1-based, as the train summary
     assert m["threshold"] == pytest.approx(store.det.threshold_)
     assert m["calibration_flag_rate"] == pytest.approx(store.det.calibration_["calibration_flag_rate"])
     for key in ("auroc", "auprc", "fpr_at_threshold", "recall"):

@@ -10,7 +10,7 @@ from ..errors import DataError, SchemaMismatchError
 
 # Rows `train` fits on by default (a uniform sample of larger data); see README "Training on big data".
 MAX_TRAIN_ROWS = 200_000
-from .state import (State, _check_labels, _column_list_option, _fmt, _mlflow_options, _model_option,
+from .state import (CLIError, State, _check_labels, _column_list_option, _fmt, _mlflow_options, _model_option,
                     _where, pass_state)
 
 
@@ -127,15 +127,24 @@ def _train_summary(state: State, det: Any, n_rows: int, n_anom: int, label: str 
                        f"(promote: anomaly-vae models promote {register} {run.version} --alias champion)")
 
 
+def _model_label(det: Any, model: str) -> str:
+    """The label column recorded with the model at training; UsageError when there is none."""
+    if not det.label:
+        raise CLIError(f"{model} was trained without a label column; name the label column of the data "
+                       "with --label COL")
+    return det.label
+
+
 # ------------------------------------------------------------------ evaluate
 @click.command(short_help="AUROC / AUPRC / FPR / recall of a model on labelled data.")
 @_model_option
 @click.argument("data", nargs=-1, required=True)
-@click.option("--label", default="label", show_default=True, metavar="COL",
+@click.option("--label", default=None, metavar="COL", show_default="the label column the model was trained with",
               help="Label column: 1 / true / yes = anomaly, 0 / false / no = normal.")
 @_mlflow_options
 @pass_state
-def evaluate(state: State, model: str, data: tuple[str, ...], label: str, no_mlflow: bool, experiment: str) -> None:
+def evaluate(state: State, model: str, data: tuple[str, ...], label: str | None, no_mlflow: bool,
+             experiment: str) -> None:
     """Measure a model on labelled DATA: AUROC, AUPRC, FPR on normals, recall at the threshold.
 
     \b
@@ -149,8 +158,12 @@ def evaluate(state: State, model: str, data: tuple[str, ...], label: str, no_mlf
     df = io.read_tables(paths)
     if len(df) == 0:
         raise DataError(f"{_where(paths)}: no rows to evaluate")
-    _check_labels(df, label, paths)
+    if label is not None:
+        _check_labels(df, label, paths)           # before any model work
     det, info = state.load_model(model)
+    if label is None:
+        label = _model_label(det, model)
+        _check_labels(df, label, paths)
     if no_mlflow:
         from ..evaluate import evaluate as run_eval
         metrics = run_eval(det, df, label=label)
