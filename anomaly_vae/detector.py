@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 import time
 from dataclasses import fields
 from typing import Any
@@ -13,6 +14,7 @@ import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
 
 from . import explain as E
 from . import score as S
@@ -39,6 +41,12 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
     ``anomaly_score`` is reconstruction NLL + KL in nats (higher = stranger), and rows
     above ``threshold_`` (calibrated on held-out normal rows at ``target_fpr``) are flagged.
     sklearn's sign convention holds for ``score_samples`` / ``decision_function`` / ``predict``.
+
+    ``verbose`` (default ``False``: `fit` prints nothing): with ``True``, `fit` shows a
+    ``tqdm.auto`` progress bar (a widget in Jupyter, text in a terminal) with the epoch, the
+    training and validation loss and the active latent units, and writes one summary line when
+    it ends (epochs, best epoch, fit seconds, threshold). Figures of a fitted detector:
+    `plot_loss_curves`, `plot_score_histogram`, `plot_column_error` (matplotlib Figures).
     """
 
     def __init__(self, *, latent_dim: int | None = None, hidden: tuple[int, ...] | None = None,
@@ -143,6 +151,13 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         self.reference_ = _reference_profile(data.iloc[train_idx], self.schema_, self.preprocessor_)
         self.marginals_ = fit_marginals(data.iloc[train_idx], self.schema_)
         self.fit_seconds_ = time.perf_counter() - t0
+        if self.verbose:
+            h = self.history_
+            # the one fit time of this fit (the CLI prints the same number)
+            tqdm.write(f"fit: {len(h.loss)} epochs (best {h.best_epoch + 1}"
+                       f"{', stopped early' if h.stopped_early else ''}), {len(train_idx):,} training rows, "
+                       f"{self.fit_seconds_:.1f} s; threshold {self.threshold_:.4f} nats at target FPR "
+                       f"{self.calibration_.get('target_fpr')}", file=sys.stderr)
         return self
 
     def _split_label(self, df: pd.DataFrame, y: Any) -> tuple[pd.DataFrame, np.ndarray | None]:
@@ -367,6 +382,37 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
                                         [np.flatnonzero(owner == j) for j in range(len(names))],
                                         self.typical_x_)
         return pd.DataFrame(nll, columns=names, index=X.index if isinstance(X, pd.DataFrame) else None)
+
+    # ----------------------------------------------------------------- figures
+    def plot_loss_curves(self) -> Any:
+        """Training curves per epoch (1-based): loss and validation loss; reconstruction NLL and
+        KL; KL weight beta with the active latent units. A `matplotlib.figure.Figure` with
+        three axes (display it in a notebook, or ``fig.savefig("loss.png")``)."""
+        from . import plots
+
+        check_is_fitted(self, "vae_")
+        return plots.loss_curves(self.history_)
+
+    def plot_score_histogram(self, X: Any, y: Any = None) -> Any:
+        """Histogram of ``anomaly_score`` on rows X with the threshold as a dashed line; normal
+        vs anomalous rows (densities) when labels are given as `y` or as the model's label
+        column in X. A `matplotlib.figure.Figure`."""
+        from . import plots
+
+        check_is_fitted(self, "vae_")
+        df, labels = self._split_label(as_frame(X), y)
+        return plots.score_histogram(self.anomaly_score(df), labels, self.threshold_)
+
+    def plot_column_error(self, X: Any, y: Any = None, max_columns: int = 30) -> Any:
+        """Mean contribution of each column (its NLL minus its median on calibration rows, nats)
+        on rows X, largest first, anomalous rows as their own bars when labels are given (`y`
+        or the label column). A `matplotlib.figure.Figure`."""
+        from . import plots
+
+        check_is_fitted(self, "vae_")
+        df, labels = self._split_label(as_frame(X), y)
+        return plots.column_error(self, self.contributions(df), y=labels, contributions=True,
+                                  max_columns=max_columns)
 
     def encode(self, X: Any) -> np.ndarray:
         """Latent means (n, latent_dim)."""

@@ -5,14 +5,11 @@ through the Agg canvas on ``savefig``: no pyplot state, no GUI backend, nothing 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-
-if TYPE_CHECKING:
-    from .detector import VAEAnomalyDetector
 
 NORMAL_COLOR, ANOMALY_COLOR = "tab:blue", "tab:red"
 
@@ -24,17 +21,18 @@ def _history_dict(history: Any) -> dict[str, Any]:
 def loss_curves(history: Any) -> Figure:
     """Per-epoch training curves: loss, NLL / KL, and KL weight with active latent units.
 
-    history : a `train.History` or its ``to_dict()``.
+    history : a `train.History` or its ``to_dict()``. Epochs are numbered from 1 (as in the
+    CLI summary and MLflow's step); a dotted line marks the best epoch.
     """
     h = _history_dict(history)
-    epochs = np.arange(len(h.get("loss", [])))
+    epochs = np.arange(1, len(h.get("loss", [])) + 1)
     fig = Figure(figsize=(13, 3.8), layout="constrained")
     ax_loss, ax_terms, ax_beta = fig.subplots(1, 3)
 
     def curve(ax, key: str, **kw) -> None:
         values = h.get(key) or []
         if len(values):
-            ax.plot(np.arange(len(values)), values, label=key, **kw)
+            ax.plot(np.arange(1, len(values) + 1), values, label=key, **kw)
 
     curve(ax_loss, "loss")
     curve(ax_loss, "val_loss", linestyle="--")
@@ -50,13 +48,13 @@ def loss_curves(history: Any) -> Figure:
     ax_units = ax_beta.twinx()
     units = h.get("active_units") or []
     if len(units):
-        ax_units.step(np.arange(len(units)), units, where="mid", color="tab:orange", label="active_units")
+        ax_units.step(np.arange(1, len(units) + 1), units, where="mid", color="tab:orange", label="active_units")
     ax_units.set_ylabel("active units")
     best = h.get("best_epoch")
     for ax in (ax_loss, ax_terms, ax_beta):
         ax.set_xlabel("epoch")
         if best is not None and len(epochs):
-            ax.axvline(best, color="grey", linewidth=0.8, linestyle=":")
+            ax.axvline(best + 1, color="grey", linewidth=0.8, linestyle=":")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="center right" if ax is ax_beta else "best")
     if len(units):
@@ -107,7 +105,7 @@ def score_histogram(scores: Any, y: Any = None, threshold: float | None = None, 
     return fig
 
 
-def _as_contributions(det: "VAEAnomalyDetector", data: Any, contributions: bool | None) -> pd.DataFrame:
+def _as_contributions(det: Any, data: Any, contributions: bool | None) -> pd.DataFrame:
     names = [s.column for s in det.preprocessor_.spans]
     if isinstance(data, np.ndarray) and contributions is not False:
         return pd.DataFrame(data, columns=names)
@@ -117,7 +115,7 @@ def _as_contributions(det: "VAEAnomalyDetector", data: Any, contributions: bool 
     return pd.DataFrame(data) if contributions else det.contributions(data)
 
 
-def column_error(det: "VAEAnomalyDetector", df_or_contrib: Any, *, y: Any = None,
+def column_error(det: Any, df_or_contrib: Any, *, y: Any = None,
                  contributions: bool | None = None, max_columns: int = 30) -> Figure:
     """Mean per-column contribution (column NLL minus its calibration median, nats), per group.
 
