@@ -288,6 +288,23 @@ class VAE(nn.Module):
             return None
         return dims, x.gather(1, dims)
 
+    def _encode_one_hot(self, x: torch.Tensor, dims: torch.Tensor,
+                        values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode` for x whose one-hot blocks are (dims, values): the first layer adds one weight
+        column per block (embedding_bag) instead of multiplying by the 0/1 dims."""
+        first, s = self.encoder[0], self._cat_start
+        h = F.linear(x[:, :s], first.weight[:, :s], first.bias)
+        ones = bool(values.eq(1.0).all())       # always, for rows from Preprocessor.encode
+        h = h + F.embedding_bag(dims - s, first.weight[:, s:].T.contiguous(), mode="sum",
+                                per_sample_weights=None if ones else values.to(first.weight.dtype))
+        h = self.encoder[1:](h)
+        return self.enc_mu(h), self.enc_logvar(h).clamp(-12.0, 8.0)
+
+    def encode_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode` for scoring (no gradients needed): the one-hot path when x allows it."""
+        codes = self._one_hot_codes(x)
+        return self.encode(x) if codes is None else self._encode_one_hot(x, *codes)
+
     def _sparse_terms(self, x: torch.Tensor, dims: torch.Tensor, values: torch.Tensor,
                       layout: "ColumnLayout", autocast: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """`column_nll` and KL at z = mu for x whose one-hot blocks are given as (dims, values)
@@ -295,15 +312,8 @@ class VAE(nn.Module):
         layer sums one weight column per block (embedding_bag) instead of a product with 0/1
         dims; the output layer is computed transposed, (outputs, n), so that each block's
         logits are contiguous for logsumexp and the observed logit is a gather."""
-        first = self.encoder[0]
-        s = self._cat_start
         with autocast:
-            h = F.linear(x[:, :s], first.weight[:, :s], first.bias)
-            ones = bool(values.eq(1.0).all())       # always, for rows from Preprocessor.encode
-            h = h + F.embedding_bag(dims - s, first.weight[:, s:].T.contiguous(), mode="sum",
-                                    per_sample_weights=None if ones else values.to(first.weight.dtype))
-            h = self.encoder[1:](h)
-            mu, logvar = self.enc_mu(h), self.enc_logvar(h).clamp(-12.0, 8.0)
+            mu, logvar = self._encode_one_hot(x, dims, values)
             d = self.decoder(mu)
             out_t = torch.addmm(self.dec_out.bias[:, None], self.dec_out.weight, d.T)
         mu, logvar, out_t = mu.float(), logvar.float(), out_t.float()
@@ -322,7 +332,7 @@ class VAE(nn.Module):
         if self.cat_spans:
             # block NLL = value * (logsumexp(block logits) - observed logit)
             lse = torch.stack([torch.logsumexp(cat_t[a:b], 0) for a, b in layout.cat_blocks])
-            observed = cat_t.gather(0, (dims - s).T)
+            observed = cat_t.gather(0, (dims - self._cat_start).T)
             col_t.index_add_(0, layout.cat_owner, values.T * (lse - observed))
         return col_t.T, kl_divergence(mu, logvar).sum(1)
 
@@ -396,7 +406,7 @@ class VAE(nn.Module):
             for j, dims in enumerate(column_dims, start=1):
                 idx = torch.as_tensor(dims, dtype=torch.long)
                 batch[j * m:(j + 1) * m, idx] = typ[idx]
-            kl = kl_divergence(*self.encode(batch)).sum(1).view(n_cols + 1, m)
+            kl = kl_divergence(*self.encode_rows(batch)).sum(1).view(n_cols + 1, m)
             out[i:i + m] = (kl[0] - kl[1:]).clamp_min(0.0).T.double().numpy()
         return out
 
