@@ -15,6 +15,8 @@ timestamp, 10 numeric, 6 categoricals, 2 booleans). For each table, in one run:
        cli        ``anomaly-vae -q score -m MODEL FILE -o DIR`` as users run it (imports,
                   model load, read, score, explanations, atomic write);
      and for the first row count only:
+       cli_1thread   the same with ``--threads 1`` (default: a scoring worker per CPU);
+       cli_no_mlflow the same with ``--no-mlflow`` (the cost of the scoring run's tracking);
        cli_bf16   the same with ``--precision bfloat16`` (opt-in; see benchmarks/precision.py);
        in_memory  ``det.anomaly_score(table)`` on the whole table already in RAM (Arrow);
        stages     the same pipeline run sequentially with a timer per stage: read, encode,
@@ -213,7 +215,7 @@ def _cli(model: Path, src: Path, out_dir: Path, *options: str) -> dict:
 
     shutil.rmtree(out_dir, ignore_errors=True)
     exe = [str(ENTRY_POINT)] if ENTRY_POINT.exists() else [sys.executable, "-m", "anomaly_vae.cli"]
-    r = _run(exe + ["-q", *options, "score", "-m", str(model), str(src), "-o", str(out_dir)])
+    r = _run(exe + ["-q", "score", *options, "-m", str(model), str(src), "-o", str(out_dir)])
     r.pop("stdout")
     r["rows"] = pq.read_metadata(out_dir / f"{src.stem}.scored.parquet").num_rows
     return r
@@ -297,6 +299,8 @@ def bench_table(table: str, args, work: Path) -> dict:
         run["floor"] = _child("_floor", src, str(work / "copy.parquet"), str(args.batch_size))
         run["cli"] = _cli(model, files[rows], work / "scored")
         if k == 0:
+            run["cli_1thread"] = _cli(model, files[rows], work / "scored", "--threads", "1")
+            run["cli_no_mlflow"] = _cli(model, files[rows], work / "scored", "--no-mlflow")
             run["cli_bf16"] = _cli(model, files[rows], work / "scored", "--precision", "bfloat16")
             run["in_memory"] = _child("_in_memory", str(model), src)
             run["stages"] = _child("_stages", str(model), src, str(work / "stages.parquet"), str(args.batch_size))
@@ -306,7 +310,7 @@ def bench_table(table: str, args, work: Path) -> dict:
                                          json.dumps(features))
                 except RuntimeError as exc:
                     print(f"  pyod reference failed: {str(exc)[:300]}", flush=True)
-        for key in ("cli", "cli_bf16", "in_memory", "pyod"):
+        for key in ("cli", "cli_1thread", "cli_no_mlflow", "cli_bf16", "in_memory", "pyod"):
             if key in run:
                 sec = run[key].get("seconds_in_ram", run[key]["seconds"])
                 run[key]["rows_per_s"] = rows / sec
@@ -335,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="anomaly-vae-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("ANOMALY_VAE_HOME", str(work))   # the scoring runs' MLflow store
     info = machine()
     print(f"workdir {work}; {info['cpu_count']} cpus ({info['cpu_capability']}), load {info['load_avg_start']}")
     try:
@@ -365,7 +370,7 @@ def flat_rows(tables: list[dict]) -> list[dict]:
     for t in tables:
         for r in t["runs"]:
             floor = r["floor"]["rows_per_s"]
-            for key in ("floor", "cli", "cli_bf16", "in_memory", "pyod"):
+            for key in ("floor", "cli", "cli_1thread", "cli_no_mlflow", "cli_bf16", "in_memory", "pyod"):
                 if key not in r:
                     continue
                 m = r[key]
