@@ -34,7 +34,7 @@ from .registry import (MODEL_ARTIFACT_PATH, MODEL_DIR_ARTIFACT, get_alias_versio
                        list_versions, load_detector, register, resolve_model_uri, set_alias,
                        set_version_tags)
 from .store import (DEFAULT_EXPERIMENT, _configured, _ensure_configured,  # noqa: F401
-                    _experiment_id, _param_value, _quiet_downloads, _quote, artifact_location, configure,
+                    _experiment_id, _param_value, _quiet_downloads, _quote, artifact_location, configure, ui_url,
                     preserve_configuration)
 
 if TYPE_CHECKING:

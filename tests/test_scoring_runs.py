@@ -254,3 +254,11 @@ def test_readme_flag_rate_per_night_snippet_runs(env):
     assert len(nights) == len(_scoring_runs(env)) > 0
     assert {"start_time", "flag_rate", "target_fpr", "psi_max"} <= set(nights.columns)
     assert list(nights["start_time"]) == sorted(nights["start_time"])
+
+
+def test_train_summary_prints_the_runs_view(env, tmp_path):
+    d, _ = env.nights["2026-11-30"]
+    r = cli("--tracking-uri", env.uri, "--threads", "1", "train", d / "part-0.parquet", "--exclude",
+            "customer_id,fraud_type", "--epochs", "1", "--experiment", EXPERIMENT, "-o", tmp_path / "m")
+    assert f"ui:         http://127.0.0.1:5000/#/experiments/{env.exp_id}/runs?workflowType=machine_learning" \
+        in r.stdout

@@ -122,6 +122,9 @@ def _train_summary(state: State, det: Any, n_rows: int, n_anom: int, label: str 
     if run is not None:
         state.echo(f"mlflow run: {run.run_id} ({run.model_uri})")
         state.echo_store("store:", 12)
+        tracking = state.tracking()
+        exp_id = tracking.MlflowClient().get_run(run.run_id).info.experiment_id
+        state.echo(f"ui:         {tracking.ui_url(exp_id)}")
         if register:
             state.echo(f"registered: {register} version {run.version} "
                        f"(promote: anomaly-vae models promote {register} {run.version} --alias champion)")
