@@ -222,6 +222,11 @@ def test_sigterm_ends_the_scoring_run_failed(env, tmp_path):
             time.sleep(0.2)
             new = [r for r in _scoring_runs(env) if r.info.run_id not in before]
         assert new and new[0].info.status == "RUNNING", proc.poll()
+        # signal once scoring is under way: a row group is in the hidden temporary output
+        # (the run itself opens before the first batch)
+        while time.monotonic() < deadline and proc.poll() is None and not any(
+                p.stat().st_size > 4096 for p in out.rglob("*") if ".tmp-" in p.name and p.is_file()):
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143, proc.stderr.read()
     finally:
