@@ -110,3 +110,20 @@ def log_demo_model(store_uri: str, *, n_rows: int, n_train: int, seed: int, name
     run = T.log_training_run(det, train, dataset_name=dataset_name, register_as=name,
                              eval_df=test if evaluate else None, **log_kwargs)
     return uri, det, train, test, run
+
+
+from anomaly_vae.demo import DEMO_EXCLUDE  # noqa: E402
+
+DEMO_EXCLUDE_ARGS = [a for c in DEMO_EXCLUDE for a in ("--exclude", c)]   # train/demo CLI arguments
+
+
+def cli_run(*args, ok: bool = True):
+    """`anomaly-vae ARGS` through click's CliRunner; asserts exit 0 unless ok=False."""
+    from click.testing import CliRunner
+
+    from anomaly_vae.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert r.exit_code == 0, (r.output, r.exception)
+    return r

@@ -5,19 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from click.testing import CliRunner
 
-from anomaly_vae.cli import main
-from anomaly_vae.demo import DEMO_EXCLUDE, make_transactions
+from anomaly_vae.demo import make_transactions
 
-EXCLUDE = [a for c in DEMO_EXCLUDE for a in ("--exclude", c)]
-
-
-def run(*args, ok: bool = True):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert r.exit_code == 0, (r.output, r.exception)
-    return r
+from conftest import DEMO_EXCLUDE_ARGS as EXCLUDE, cli_run as run
 
 
 @pytest.fixture(scope="module")
