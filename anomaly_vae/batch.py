@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from .errors import AnomalyVAEError, DataError, LockedError, SchemaMismatchError
 from . import io
+from . import score as S
 from .explain import EXPLANATION_TYPE
 from .io import (MANIFEST, _is_csv, _one_line, count_rows, input_schema, iter_batches, parallel_map, prefetch,
                  remove_stale_temps, write_stream)
@@ -141,10 +142,44 @@ def _encode_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch) -> np.ndarra
 def _score_encoded(det: "VAEAnomalyDetector", batch: pa.RecordBatch, X: np.ndarray,
                    passthrough: Sequence[str], schema: pa.Schema) -> pa.RecordBatch:
     """The second half of `score_batch`: network, scores, explanation -> output batch."""
-    table = det.score_table(det._terms_from_X(X), values=batch, X=X)
+    return _output_batch(batch, det.score_table(det._terms_from_X(X), values=batch, X=X), passthrough, schema)
+
+
+def _output_batch(batch: pa.RecordBatch, table: Any, passthrough: Sequence[str],
+                  schema: pa.Schema) -> pa.RecordBatch:
     arrays = [_conform(batch.column(c), schema.field(c).type) for c in passthrough]
     arrays += [pa.array(table[f.name], type=f.type, from_pandas=True) for f in SCORE_FIELDS]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _score_sliced(det: "VAEAnomalyDetector", batch: pa.RecordBatch, passthrough: Sequence[str],
+                  schema: pa.Schema, rows: Callable[[int, int], Any]) -> pa.RecordBatch:
+    """`score_batch` for a batch of any size: rows are encoded and run through the network in
+    slices of ENCODE_ROWS (a worker's encoded rows and network buffers stay small whatever
+    --batch-size is), keeping only the flagged rows' encoding; scores, top_features and the
+    explanations are then made once for the whole batch (their cost is mostly per call).
+    `rows(offset, n)` is the context that names the slice in a data error."""
+    terms, kept, flagged_at = [], [], []
+    for off in range(0, batch.num_rows, ENCODE_ROWS):
+        part = batch.slice(off, ENCODE_ROWS)
+        with rows(off, part.num_rows):
+            X = _encode_batch(det, part)
+            t = det._terms_from_X(X)
+        flagged = np.flatnonzero(t.anomaly_score > det.threshold_)
+        terms.append(t)
+        kept.append(X[flagged])
+        flagged_at.append(flagged + off)
+    if len(terms) == 1:
+        merged = terms[0]
+    else:
+        kl_of = [t.column_kl for t in terms]
+        if any(k is not None for k in kl_of):
+            kl_of = [k if k is not None else np.zeros(t.column_nll.shape) for k, t in zip(kl_of, terms)]
+        merged = S.ScoreTerms(*(np.concatenate([getattr(t, f) for t in terms]) for f in S.ScoreTerms._fields[:4]),
+                              None if kl_of[0] is None else np.concatenate(kl_of))
+    with rows(0, batch.num_rows):
+        table = det.score_table(merged, values=batch, X=np.concatenate(kept), X_rows=np.concatenate(flagged_at))
+    return _output_batch(batch, table, passthrough, schema)
 
 
 @contextmanager
@@ -206,15 +241,9 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
                 start += batch.num_rows
 
     def score(item: tuple[int, pa.RecordBatch]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
-        # in slices of ENCODE_ROWS: a worker's encoded rows and network buffers stay small
-        # whatever --batch-size is (which sets the output's row groups)
         start, batch = item
-        parts = []
-        for off in range(0, batch.num_rows, ENCODE_ROWS):
-            part = batch.slice(off, ENCODE_ROWS)
-            with _rows(src, start + off, part.num_rows):
-                parts.append(_score_encoded(det, part, _encode_batch(det, part), passthrough, out_schema))
-        return batch, parts[0] if len(parts) == 1 else pa.concat_batches(parts)
+        return batch, _score_sliced(det, batch, passthrough, out_schema,
+                                    lambda off, n: _rows(src, start + off, n))
 
     def batches() -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
         for batch, scored in parallel_map(score, prefetch(read(), depth=1), workers or io.cpu_count()):

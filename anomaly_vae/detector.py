@@ -329,11 +329,14 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         return table
 
     def score_table(self, terms: S.ScoreTerms, top_k: int | None = None, *, values: Any = None,
-                    X: np.ndarray | None = None, explain_all: bool = False) -> pd.DataFrame:
+                    X: np.ndarray | None = None, explain_all: bool = False,
+                    X_rows: np.ndarray | None = None) -> pd.DataFrame:
         """The score columns for `terms`. With `X` (the encoded rows `terms` came from) also
         `explanation`: for flagged rows (every row with explain_all=True) the top_features
         columns with value and expected value (`explain.ENTRY_TYPE`), an empty list otherwise;
-        `values` (DataFrame or Arrow batch of the same rows) gives the values shown."""
+        `values` (DataFrame or Arrow batch of the same rows) gives the values shown.
+        `X_rows` (positions, ascending) says X holds only those rows; they must include every
+        flagged row (what streaming scoring keeps, so it explains a whole batch at once)."""
         contrib = S.feature_contributions(terms, self.column_median_)
         names = [s.column for s in self.preprocessor_.spans]
         k = top_k or self.config_.top_k
@@ -347,6 +350,10 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
             "top_features": S.top_features(contrib, names, k),
         })
         if X is not None:
+            if X_rows is not None:
+                if explain_all:
+                    raise ValueError("explain_all needs X for every row, not X_rows")
+                X = _RowsOf(X, X_rows, len(is_anomaly))
             ex = self._explanation(X, values, contrib, k, None if explain_all else is_anomaly)
             table["explanation"] = pd.Series(pd.arrays.ArrowExtensionArray(ex), index=table.index)
         return table
@@ -491,3 +498,18 @@ def _typical_row(X: np.ndarray, categorical_spans: list[tuple[int, int]]) -> np.
         typical[a:b] = 0.0
         typical[a + int(np.argmax(X[:, a:b].sum(0)))] = 1.0
     return typical.astype(np.float32)
+
+
+class _RowsOf:
+    """Rows `rows` (ascending positions of n) of a matrix held as X[rows] only: indexing it
+    with positions (all among `rows`) gives those rows, as indexing the full matrix would."""
+
+    def __init__(self, X: np.ndarray, rows: np.ndarray, n: int) -> None:
+        self.X, self.pos = X, np.full(n, -1, dtype=np.int64)
+        self.pos[np.asarray(rows, dtype=np.int64)] = np.arange(len(rows))
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        at = self.pos[idx]
+        if (at < 0).any():
+            raise IndexError("row not kept in X_rows")
+        return self.X[at]
