@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +132,49 @@ def cli_run(*args, ok: bool = True):
     if ok:
         assert r.exit_code == 0, (r.output, r.exception)
     return r
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (skips the test when no local port can be bound)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    except OSError as exc:
+        pytest.skip(f"cannot bind a TCP port on 127.0.0.1 ({exc}); this test needs a local server")
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
+    """Poll GET `url` every 0.5 s until it answers 200; fails the test (with the end of the
+    server's log) if `proc` exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode} before {url} answered:\n"
+                        f"{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:                           # refused, reset, timed out, HTTP error
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} not answering after {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_process_group(proc: subprocess.Popen | None, grace_s: float = 15) -> None:
+    """Stop the process group of `proc` (started with start_new_session=True: the server and its
+    workers): SIGTERM, then SIGKILL whatever is left after `grace_s`."""
+    if proc is None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + grace_s
+        try:
+            os.killpg(proc.pid, sig)
+            while time.monotonic() < deadline:
+                proc.poll()                       # reap the leader, or it stays in the group as a zombie
+                os.killpg(proc.pid, 0)            # ProcessLookupError once every member is gone
+                time.sleep(0.2)
+        except ProcessLookupError:
+            return

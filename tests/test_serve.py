@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,21 +15,12 @@ import pandas as pd
 import pytest
 
 from anomaly_vae import tracking as T
-from conftest import log_demo_model
+from conftest import free_port, log_demo_model, stop_process_group, wait_for_http
 
 pytestmark = pytest.mark.serve
 
 NAME = "serve-test"
 STARTUP_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    except OSError as exc:
-        pytest.skip(f"cannot bind a TCP port on 127.0.0.1 ({exc}); serving test needs a local port")
 
 
 def http(url: str, body: str | None = None, timeout: float = 30) -> tuple[int, str]:
@@ -73,27 +61,10 @@ def server(tmp_path_factory, new_mlflow_store):
                           "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
             cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if http(base + "/ping", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_for_http(base + "/ping", proc, STARTUP_TIMEOUT_S, log_path)
         yield base, det, test, uri, root
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
+        stop_process_group(proc)
         os.chdir(cwd)
 
 

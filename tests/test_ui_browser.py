@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,20 +18,12 @@ from mlflow.tracking import MlflowClient
 from anomaly_vae import tracking as T
 from anomaly_vae.cli import main
 from anomaly_vae.demo import make_transactions
-from conftest import log_demo_model
+from conftest import free_port, log_demo_model, stop_process_group, wait_for_http
 
 NAME = "ui-payments"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SERVER_TIMEOUT_S = 60
 PAGE_TIMEOUT_S = 40
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chromium() -> str:
@@ -65,7 +55,7 @@ def ui(tmp_path_factory, new_mlflow_store):
     served by `mlflow server` (started first: it boots while the model trains)."""
     root = tmp_path_factory.mktemp("ui")
     uri = new_mlflow_store(root)
-    port = _free_port()
+    port = free_port()
     bin_dir = Path(sys.executable).parent
     mlflow_cli = [str(bin_dir / "mlflow")] if (bin_dir / "mlflow").exists() else [sys.executable, "-m", "mlflow"]
     log_path = root / "server.log"
@@ -95,26 +85,10 @@ def ui(tmp_path_factory, new_mlflow_store):
         runs = client.search_runs([exp.experiment_id], filter_string="tags.`anomaly_vae.run_type` = 'scoring'",
                                   order_by=["attributes.start_time ASC"])
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + SERVER_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not ready (exit {proc.poll()}):\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_for_http(base + "/health", proc, SERVER_TIMEOUT_S, log_path)
         yield {"base": base, "exp_id": exp.experiment_id, "training": run.run_id, "runs": runs, "root": root}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
+        stop_process_group(proc)
 
 
 @pytest.mark.slow     # 24 s idle, up to 140 s loaded on the shared 2-core machine (server, training, two pages);
