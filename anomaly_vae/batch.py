@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -131,18 +131,12 @@ def score_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch, passthrough: S
     naming the column. (n rows) -> (n rows).
     """
     schema = schema if schema is not None else output_schema(batch.schema, passthrough)
-    return _score_encoded(det, batch, _encode_batch(det, batch), passthrough, schema)
+    return _score_sliced(det, batch, passthrough, schema, lambda off, n: nullcontext())
 
 
 def _encode_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch) -> np.ndarray:
     """Validate the batch's feature columns (Arrow, no pandas copy) and encode them. (n, n_dims)"""
     return det._encode(batch)
-
-
-def _score_encoded(det: "VAEAnomalyDetector", batch: pa.RecordBatch, X: np.ndarray,
-                   passthrough: Sequence[str], schema: pa.Schema) -> pa.RecordBatch:
-    """The second half of `score_batch`: network, scores, explanation -> output batch."""
-    return _output_batch(batch, det.score_table(det._terms_from_X(X), values=batch, X=X), passthrough, schema)
 
 
 def _output_batch(batch: pa.RecordBatch, table: Any, passthrough: Sequence[str],
