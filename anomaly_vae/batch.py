@@ -24,11 +24,13 @@ from .errors import AnomalyVAEError, DataError, LockedError, SchemaMismatchError
 from . import io
 from . import score as S
 from .explain import EXPLANATION_TYPE
+from .schema import validate_arrow
 from .io import (MANIFEST, _is_csv, _one_line, count_rows, input_schema, iter_batches, parallel_map, prefetch,
                  remove_stale_temps, write_stream)
 
 if TYPE_CHECKING:
     from .detector import VAEAnomalyDetector
+    from .preprocess import Encoded
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +136,10 @@ def score_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch, passthrough: S
     return _score_sliced(det, batch, passthrough, schema, lambda off, n: nullcontext())
 
 
-def _encode_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch) -> np.ndarray:
-    """Validate the batch's feature columns (Arrow, no pandas copy) and encode them. (n, n_dims)"""
-    return det._encode(batch)
+def _encode_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch) -> "Encoded":
+    """Validate the batch's feature columns (Arrow, no pandas copy) and encode them, one-hot
+    blocks as indices (`preprocess.Encoded`)."""
+    return det.preprocessor_.encode_compact(validate_arrow(det.schema_, batch))
 
 
 def _output_batch(batch: pa.RecordBatch, table: Any, passthrough: Sequence[str],
@@ -161,7 +164,7 @@ def _score_sliced(det: "VAEAnomalyDetector", batch: pa.RecordBatch, passthrough:
             t = det._terms_from_X(X)
         flagged = np.flatnonzero(t.anomaly_score > det.threshold_)
         terms.append(t)
-        kept.append(X[flagged])
+        kept.append(X.dense(flagged))
         flagged_at.append(flagged + off)
     if len(terms) == 1:
         merged = terms[0]

@@ -10,7 +10,7 @@ from .errors import ConfigError
 
 NUMERIC_TRANSFORMS = ("yeo-johnson", "standard", "robust", "signed-log", "quantile")
 SCORE_METHODS = ("elbo", "recon", "iwae")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "auto")
 OBJECTIVES = ("elbo", "masked", "ae")
 
 
@@ -58,7 +58,7 @@ class Config:
     seed: int = 0
     n_threads: int | None = None
     device: str = "auto"              # auto = CUDA when available, else CPU; or cpu, cuda, cuda:N
-    precision: str = "float32"        # scoring MLP precision: float32, or bfloat16 (autocast)
+    precision: str = "float32"        # scoring MLP precision: float32, bfloat16, or auto (bf16 where native)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:

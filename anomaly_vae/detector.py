@@ -24,7 +24,7 @@ from .errors import ConfigError, DataError
 from .evaluate import anomaly_mask
 from .masked import build_vae
 from .model import VAE, resolve_device
-from .preprocess import Preprocessor
+from .preprocess import Encoded, Preprocessor, dense
 from .sample import fit_marginals, sample_rows
 from .schema import Schema, as_frame, infer_schema, validate_arrow
 from .train import History, fit_vae
@@ -218,7 +218,8 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
                             f"{self.n_features_in_} features as input")
         return self.schema_.validate(df)
 
-    def _terms_from_X(self, X: np.ndarray, attribute: bool = True) -> S.ScoreTerms:
+    def _terms_from_X(self, X: np.ndarray | Encoded, attribute: bool = True) -> S.ScoreTerms:
+        """Score terms of encoded rows (dense X, or `Encoded` from `Preprocessor.encode_compact`)."""
         owner = self.preprocessor_.dim_to_column()
         n_cols = len(self.preprocessor_.spans)
         if self.precision not in PRECISIONS:
@@ -231,7 +232,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         if self.config_.score_method == "recon":
             terms = terms._replace(anomaly_score=terms.recon_nll)
         elif self.config_.score_method == "iwae":
-            iw = self.vae_.iwae_nll(X, self.config_.n_importance_samples, seed=self.config_.seed)
+            iw = self.vae_.iwae_nll(dense(X), self.config_.n_importance_samples, seed=self.config_.seed)
             terms = terms._replace(anomaly_score=iw)
         if not attribute or self.typical_x_ is None or self.config_.objective == "ae":
             # calibration runs before a threshold exists; a plain autoencoder has no KL to attribute
@@ -242,7 +243,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
             # causes (how much KL falls when that column alone takes its typical value)
             column_kl = np.zeros(terms.column_nll.shape)
             column_kl[flagged] = self.vae_.kl_occlusion(
-                X[flagged], [np.flatnonzero(owner == j) for j in range(n_cols)], self.typical_x_)
+                dense(X, flagged), [np.flatnonzero(owner == j) for j in range(n_cols)], self.typical_x_)
             terms = terms._replace(column_kl=column_kl)
         return terms
 
@@ -261,7 +262,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         z = mu; conditional terms under deterministic masks (masked); no KL (plain autoencoder)."""
         objective = self.config_.objective
         if objective == "masked":
-            dim_nll, kl = self.vae_.masked_score_terms(X)      # CPU, float32
+            dim_nll, kl = self.vae_.masked_score_terms(dense(X))      # CPU, float32
             return S.column_nll(dim_nll, owner, n_cols), kl
         col_nll, kl = self._vae_on(device).column_terms(X, owner, n_cols, precision=self.precision,
                                                         device=device)

@@ -81,6 +81,21 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def scoring_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The scoring MLPs' dtype for a precision setting: "float32", "bfloat16", or "auto" =
+    bfloat16 on a CPU with native bf16 (`cpu_has_native_bf16`) or a CUDA device that has it,
+    else float32."""
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision == "auto":
+        native = cpu_has_native_bf16() if device.type == "cpu" else (
+            device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return torch.bfloat16 if native else torch.float32
+    raise ConfigError(f"precision {precision!r}: expected 'float32', 'bfloat16' or 'auto'")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> CUDA when available, else CPU; 'cpu', 'cuda', 'cuda:N' as given. ConfigError
     when CUDA is asked for and not available."""
@@ -288,82 +303,134 @@ class VAE(nn.Module):
             return None
         return dims, x.gather(1, dims)
 
+    def _weights(self, dtype: torch.dtype) -> dict[str, Any]:
+        """The scoring pass's weights in `dtype`, laid out for it: the first layer split into
+        its dense head and its one-hot part (as embedding rows), mu and logvar as one layer.
+        Made once and kept until a parameter changes (training, load_state_dict), so a
+        bfloat16 pass does not re-cast the weights per batch as autocast does."""
+        params = list(self.parameters())
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        cached = self.__dict__.get("_weight_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            cast = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
+            enc = [m for m in self.encoder if isinstance(m, nn.Linear)]
+            dec = [m for m in self.decoder if isinstance(m, nn.Linear)]
+            s = self._cat_start
+            w = {"head": (cast(enc[0].weight[:, :s]), cast(enc[0].bias)),
+                 "one_hot": cast(enc[0].weight[:, s:].T),
+                 "encoder": [(cast(m.weight), cast(m.bias)) for m in enc[1:]],
+                 "latent": (cast(torch.cat([self.enc_mu.weight, self.enc_logvar.weight])),
+                            cast(torch.cat([self.enc_mu.bias, self.enc_logvar.bias]))),
+                 "decoder": [(cast(m.weight), cast(m.bias)) for m in dec],
+                 "out": (cast(self.dec_out.weight), cast(self.dec_out.bias)[:, None])}
+        self.__dict__["_weight_cache"] = (key, w)
+        return w
+
+    def _encode_pass(self, head: torch.Tensor, dims: torch.Tensor, values: torch.Tensor | None,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode` (eval mode) for rows given as head = x[:, :cat_start] and the dims (n, B)
+        and values (n, B; None = all 1) of their one-hot blocks: the first layer adds one
+        weight row per block (embedding_bag) instead of multiplying by the 0/1 dims.
+        mu, logvar in `dtype`."""
+        w = self._weights(dtype)
+        h = F.linear(head.to(dtype), *w["head"])
+        if dims.shape[1]:
+            h = h + F.embedding_bag(dims - self._cat_start, w["one_hot"], mode="sum",
+                                    per_sample_weights=None if values is None else values.to(dtype))
+        h = F.silu(h)
+        for weight, bias in w["encoder"]:
+            h = F.silu(F.linear(h, weight, bias))
+        mu, logvar = F.linear(h, *w["latent"]).split(self.latent_dim, dim=1)
+        return mu, logvar.clamp(-12.0, 8.0)
+
     def _encode_one_hot(self, x: torch.Tensor, dims: torch.Tensor,
                         values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`encode` for x whose one-hot blocks are (dims, values): the first layer adds one weight
-        column per block (embedding_bag) instead of multiplying by the 0/1 dims."""
-        first, s = self.encoder[0], self._cat_start
-        h = F.linear(x[:, :s], first.weight[:, :s], first.bias)
+        """`encode` for x whose one-hot blocks are (dims, values), float32."""
         ones = bool(values.eq(1.0).all())       # always, for rows from Preprocessor.encode
-        h = h + F.embedding_bag(dims - s, first.weight[:, s:].T.contiguous(), mode="sum",
-                                per_sample_weights=None if ones else values.to(first.weight.dtype))
-        h = self.encoder[1:](h)
-        return self.enc_mu(h), self.enc_logvar(h).clamp(-12.0, 8.0)
+        return self._encode_pass(x[:, :self._cat_start], dims, None if ones else values, torch.float32)
 
     def encode_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`encode` for scoring (no gradients needed): the one-hot path when x allows it."""
         codes = self._one_hot_codes(x)
         return self.encode(x) if codes is None else self._encode_one_hot(x, *codes)
 
-    def _sparse_terms(self, x: torch.Tensor, dims: torch.Tensor, values: torch.Tensor,
-                      layout: "ColumnLayout", autocast: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """`column_nll` and KL at z = mu for x whose one-hot blocks are given as (dims, values)
-        (`_one_hot_codes`): the same numbers (to float rounding) with less work. The first
-        layer sums one weight column per block (embedding_bag) instead of a product with 0/1
-        dims; the output layer is computed transposed, (outputs, n), so that each block's
-        logits are contiguous for logsumexp and the observed logit is a gather."""
-        with autocast:
-            mu, logvar = self._encode_one_hot(x, dims, values)
-            d = self.decoder(mu)
-            out_t = torch.addmm(self.dec_out.bias[:, None], self.dec_out.weight, d.T)
-        mu, logvar, out_t = mu.float(), logvar.float(), out_t.float()
+    def _sparse_terms(self, head: torch.Tensor, dims: torch.Tensor, values: torch.Tensor | None,
+                      layout: "ColumnLayout", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`column_nll` and KL at z = mu for rows given as (head, one-hot dims, values), see
+        `_encode_pass`: the same numbers (to float rounding) as the dense pass, with less work.
+        The MLPs run in `dtype`; the likelihood terms in float32. The output layer is computed
+        transposed, (outputs, n), so that each block's logits are contiguous for logsumexp and
+        the observed logit is a gather."""
+        mu, logvar = self._encode_pass(head, dims, values, dtype)
+        d = mu
+        for weight, bias in self._weights(dtype)["decoder"]:
+            d = F.silu(F.linear(d, weight, bias))
+        weight, bias = self._weights(dtype)["out"]
+        out_t = torch.addmm(bias, weight, d.T).float()
+        mu, logvar = mu.float(), logvar.float()
         mean_t, raw_t, ind_t, cat_t = torch.split(out_t, self._splits, dim=0)
-        if self.feature_raw_var is not None:
-            raw_t = self.feature_raw_var[:, None].expand_as(mean_t)
-        col_t = x.new_zeros((layout.n_columns, len(x)), dtype=torch.float32)
+        if self.feature_raw_var is not None:        # one variance per feature: (n_num, 1)
+            logvar_t = torch.log(self.var_floor + F.softplus(self.feature_raw_var))[:, None]
+        else:
+            logvar_t = torch.log(self.var_floor + F.softplus(raw_t))
+        head_t = head.T.contiguous()                # (head dims, n): rows gathered below
+        col_t = head.new_zeros((layout.n_columns, len(head)), dtype=torch.float32)
         if len(self.num_idx):
-            g = gaussian_nll(x[:, self.num_idx].T, mean_t, torch.log(self.var_floor + F.softplus(raw_t)))
+            g = gaussian_nll(head_t[self.num_idx], mean_t, logvar_t)
             if len(layout.num_with_ind):
-                g[layout.num_with_ind] *= 1.0 - x[:, layout.ind_of_num].T
+                g[layout.num_with_ind] *= 1.0 - head_t[layout.ind_of_num]
             col_t.index_add_(0, layout.num_owner, g)
         if len(self.ind_idx):
             col_t.index_add_(0, layout.ind_owner, F.binary_cross_entropy_with_logits(
-                ind_t, x[:, self.ind_idx].T, reduction="none"))
+                ind_t, head_t[self.ind_idx], reduction="none"))
         if self.cat_spans:
             # block NLL = value * (logsumexp(block logits) - observed logit)
             lse = torch.stack([torch.logsumexp(cat_t[a:b], 0) for a, b in layout.cat_blocks])
-            observed = cat_t.gather(0, (dims - self._cat_start).T)
-            col_t.index_add_(0, layout.cat_owner, values.T * (lse - observed))
+            nll = lse - cat_t.gather(0, (dims - self._cat_start).T)
+            col_t.index_add_(0, layout.cat_owner, nll if values is None else values.T * nll)
         return col_t.T, kl_divergence(mu, logvar).sum(1)
 
-    def column_terms(self, X: np.ndarray, owner: np.ndarray, n_columns: int, *,
+    def column_terms(self, X: Any, owner: np.ndarray, n_columns: int, *,
                      batch_size: int = 16384, precision: str = "float32",
                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """Deterministic scoring terms in one fused pass: per-column NLL at z = mu (n, n_columns)
-        and KL per row (n,), both float32. `owner` (n_dims,) maps each dim to its column.
-        precision="bfloat16" runs the encoder/decoder MLPs under bf16 autocast (the likelihood
-        terms stay float32); results are deterministic for a given model, machine and setting."""
+        and KL per row (n,), both float32. `X` is encoded rows (n, n_dims) or a
+        `preprocess.Encoded` (head + one-hot codes: no one-hot zeros to build or search).
+        `owner` (n_dims,) maps each dim to its column. precision: "float32", "bfloat16" (the
+        encoder/decoder MLPs in bf16, the likelihood terms in float32) or "auto" (bfloat16 where
+        the device computes it natively, see `scoring_dtype`). Results are deterministic for a
+        given model, machine and setting."""
         self.eval()
+        device = torch.device(device)
+        dtype = scoring_dtype(precision, device)
         layout = ColumnLayout.build(self, owner, n_columns, device)
         col_out = np.empty((len(X), n_columns), dtype=np.float32)
         kl_out = np.empty(len(X), dtype=np.float32)
-        device = torch.device(device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+        compact = not isinstance(X, np.ndarray)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
         with torch.inference_mode():
             for i in range(0, len(X), batch_size):
-                x = torch.from_numpy(X[i:i + batch_size]).to(device)
-                codes = self._one_hot_codes(x)
+                sl = slice(i, i + batch_size)
+                if compact:
+                    head = torch.from_numpy(X.head[sl]).to(device)
+                    codes = torch.from_numpy(X.codes[sl]).to(device), None
+                else:
+                    x = torch.from_numpy(X[sl]).to(device)
+                    codes = self._one_hot_codes(x)
+                    head = x[:, :self._cat_start]
+                    if codes is not None and bool(codes[1].eq(1.0).all()):
+                        codes = codes[0], None
                 if codes is not None:
-                    col, kl = self._sparse_terms(x, *codes, layout, autocast)
-                    col_out[i:i + len(x)] = col.cpu().numpy()
-                    kl_out[i:i + len(x)] = kl.cpu().numpy()
-                    continue
-                with autocast:
-                    mu, logvar = self.encode(x)
-                    params = self.decode(mu)
-                mu, logvar = mu.float(), logvar.float()
-                col_out[i:i + len(x)] = self.column_nll(x, params, layout).cpu().numpy()
-                kl_out[i:i + len(x)] = kl_divergence(mu, logvar).sum(1).cpu().numpy()
+                    col, kl = self._sparse_terms(head, *codes, layout, dtype)
+                else:
+                    with autocast:
+                        mu, logvar = self.encode(x)
+                        params = self.decode(mu)
+                    col, kl = self.column_nll(x, params, layout), kl_divergence(mu.float(), logvar.float()).sum(1)
+                col_out[sl] = col.cpu().numpy()
+                kl_out[sl] = kl.cpu().numpy()
         return col_out, kl_out
 
     @torch.no_grad()

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from scipy import stats
-from sklearn.preprocessing import PowerTransformer, QuantileTransformer
 
 from .errors import DataError, ModelFormatError
 from .schema import Schema
@@ -41,6 +39,37 @@ class Span:
     start: int                # value dims [start, stop): numeric/datetime block or one-hot block
     stop: int
     indicator: int = -1       # index of the missing-indicator dim, -1 when none
+
+
+class Encoded(NamedTuple):
+    """Encoded rows without the one-hot zeros (`Preprocessor.encode_compact`).
+
+    head (n, cat_start) float32: X's numeric and indicator blocks, X[:, :cat_start];
+    codes (n, n_categorical) int64: per categorical/boolean column (`categorical_spans` order)
+    the dim of X that holds its 1; n_dims: X's width.
+    """
+
+    head: np.ndarray
+    codes: np.ndarray
+    n_dims: int
+
+    def __len__(self) -> int:
+        return len(self.head)
+
+    def dense(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """X (or X[rows]) as `Preprocessor.encode` gives it: (n, n_dims) float32."""
+        head, codes = (self.head, self.codes) if rows is None else (self.head[rows], self.codes[rows])
+        X = np.zeros((len(head), self.n_dims), dtype=np.float32)
+        X[:, :head.shape[1]] = head
+        np.put_along_axis(X, codes, 1.0, axis=1)
+        return X
+
+
+def dense(X: np.ndarray | Encoded, rows: np.ndarray | None = None) -> np.ndarray:
+    """X (or its `rows`) as a dense (n, n_dims) array, whichever form it is in."""
+    if isinstance(X, Encoded):
+        return X.dense(rows)
+    return X if rows is None else X[rows]
 
 
 class Preprocessor:
@@ -104,6 +133,8 @@ class Preprocessor:
                              "has_missing": bool((~ok).any()),
                              "missing_rate": _smoothed_rate(int((~ok).sum()), len(x)), "indicator": True}
         if self.numeric_transform == "yeo-johnson":
+            from sklearn.preprocessing import PowerTransformer      # fit only: scoring skips the import
+
             pt = PowerTransformer(method="yeo-johnson", standardize=False)
             with np.errstate(all="ignore"):
                 pt.fit(((fit_v - median) / scale).reshape(-1, 1))
@@ -112,6 +143,8 @@ class Preprocessor:
             # would hide exactly the extreme values we are looking for; clip to keep both unbounded.
             p["lambda"] = float(np.clip(lam, 0.0, 2.0)) if np.isfinite(lam) else 1.0
         elif self.numeric_transform == "quantile":
+            from sklearn.preprocessing import QuantileTransformer
+
             qt = QuantileTransformer(n_quantiles=int(min(1000, len(fit_v))), output_distribution="normal",
                                      subsample=100_000, random_state=0).fit(fit_v.reshape(-1, 1))
             p["quantiles"] = qt.quantiles_[:, 0].tolist()
@@ -173,10 +206,17 @@ class Preprocessor:
         `schema.validate_arrow`; both give the same X. Arrow columns are read with Arrow
         kernels and numpy (no per-column pandas copies).
         """
+        return self.encode_compact(data).dense()
+
+    def encode_compact(self, data: pd.DataFrame | dict[str, Any]) -> Encoded:
+        """`encode` without the one-hot zeros (`Encoded`: X's head and the index of each
+        one-hot block's 1). Scoring reads the one-hot blocks as these indices."""
         n = len(data) if isinstance(data, pd.DataFrame) else (
             len(next(iter(data.values()))) if len(data) else 0)
-        X = np.zeros((n, self.n_dims), dtype=np.float32)
-        for span in self.spans:
+        head = np.zeros((n, self.cat_start), dtype=np.float32)
+        codes = np.empty((n, len(self.categorical_spans)), dtype=np.int64)
+        block = 0
+        for span in sorted(self.spans, key=lambda s: s.start):
             p = self.params[span.column]
             s = data[span.column]
             if span.kind == "numeric":
@@ -184,16 +224,23 @@ class Preprocessor:
                 missing = ~np.isfinite(x)
                 x = np.where(missing, p["median"], x)
                 z = (_transform(x, p) - p["mean"]) / p["std"]
-                X[:, span.start] = np.clip(np.nan_to_num(z, nan=0.0), -_CLIP, _CLIP)
+                head[:, span.start] = np.clip(np.nan_to_num(z, nan=0.0), -_CLIP, _CLIP)
             elif span.kind == "datetime":
                 seconds, missing = _epoch_seconds(s)
-                X[:, span.start:span.stop] = _datetime_parts(seconds, missing)
+                head[:, span.start:span.stop] = _datetime_parts(seconds, missing)
             else:
-                X[np.arange(n), span.start + _codes(s, span.kind, p["vocab"])] = 1.0
+                codes[:, block] = span.start + _codes(s, span.kind, p["vocab"])
+                block += 1
                 continue
             if span.indicator >= 0:
-                X[:, span.indicator] = missing
-        return X
+                head[:, span.indicator] = missing
+        return Encoded(head, codes, self.n_dims)
+
+    @property
+    def cat_start(self) -> int:
+        """First dim of the one-hot blocks (they fill X's tail); n_dims when there are none."""
+        spans = self.categorical_spans
+        return min(a for a, _ in spans) if spans else self.n_dims
 
     # ---------------------------------------------------- introspection
     @property
@@ -299,6 +346,8 @@ def _transform(x: np.ndarray, p: dict[str, Any]) -> np.ndarray:
         if t == "signed-log":
             return np.sign(x) * np.log1p(np.abs(x))
         if t == "yeo-johnson":
+            from scipy import stats
+
             r = np.clip((x - p["center"]) / p["scale"], -1e6, 1e6)
             return np.clip(stats.yeojohnson(r, lmbda=p["lambda"]), -1e12, 1e12)
         if t == "quantile":

@@ -135,6 +135,40 @@ def test_one_hot_scoring_path_equals_the_dense_one_and_falls_back():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_compact_rows_score_like_dense_ones_and_bf16_weights_follow_the_parameters():
+    """column_terms on `Encoded` rows (head + one-hot codes, as batch scoring passes them)
+    gives the dense rows' numbers; bfloat16 runs on cached bf16 weights that are re-made when
+    a parameter changes; "auto" picks bf16 exactly where the CPU has it natively."""
+    from anomaly_vae.model import cpu_has_native_bf16, scoring_dtype
+    from anomaly_vae.preprocess import Encoded
+
+    torch.manual_seed(0)
+    vae = VAE(9, np.array([0, 1]), np.array([2]), [(3, 6), (6, 9)], np.array([-1, 2]),
+              hidden=(16, 8), latent_dim=3).eval()
+    rng = np.random.default_rng(1)
+    n = 500
+    head = np.zeros((n, 3), dtype=np.float32)
+    head[:, :2] = rng.normal(size=(n, 2))
+    head[:, 2] = rng.random(n) < 0.2
+    codes = np.stack([3 + rng.integers(0, 3, n), 6 + rng.integers(0, 3, n)], 1)
+    enc = Encoded(head, codes, 9)
+    X, owner = enc.dense(), np.array([0, 1, 1, 2, 2, 2, 3, 3, 3])
+    for got, want in zip(vae.column_terms(enc, owner, 4, batch_size=128), _dense_terms(vae, X, owner)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    bf = vae.column_terms(enc, owner, 4, precision="bfloat16")
+    np.testing.assert_array_equal(bf[0], vae.column_terms(X, owner, 4, precision="bfloat16")[0])
+    np.testing.assert_allclose(bf[0], _dense_terms(vae, X, owner)[0], rtol=0.05, atol=0.05)
+    with torch.no_grad():
+        vae.dec_out.bias.add_(1.0)                  # a changed parameter: the bf16 copies follow
+    np.testing.assert_allclose(vae.column_terms(enc, owner, 4, precision="bfloat16")[0],
+                               _dense_terms(vae, X, owner)[0], rtol=0.05, atol=0.05)
+    assert not np.allclose(vae.column_terms(enc, owner, 4, precision="bfloat16")[0], bf[0], atol=0.05)
+    native = cpu_has_native_bf16()
+    assert scoring_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    np.testing.assert_array_equal(vae.column_terms(enc, owner, 4, precision="auto")[0],
+                                  vae.column_terms(enc, owner, 4, precision="bfloat16" if native else "float32")[0])
+
+
 def _dense_terms(vae, X, owner):
     vae._one_hot_tail = False
     try:

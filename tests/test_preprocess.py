@@ -132,6 +132,12 @@ def test_arrow_columns_encode_like_the_pandas_path(frame):
     ref = pre.encode(schema.validate(test))
     table = pa.Table.from_pandas(test, preserve_index=False)
     np.testing.assert_array_equal(pre.encode(validate_arrow(schema, table)), ref)
+    compact = pre.encode_compact(validate_arrow(schema, table))     # what batch scoring reads
+    np.testing.assert_array_equal(compact.head, ref[:, :pre.cat_start])
+    np.testing.assert_array_equal(compact.codes, np.stack([a + np.argmax(ref[:, a:b], axis=1)
+                                                           for a, b in pre.categorical_spans], 1))
+    np.testing.assert_array_equal(compact.dense(), ref)
+    np.testing.assert_array_equal(compact.dense(np.array([3, 0])), ref[[3, 0]])
     variants = {
         "ts": pa.array(test["ts"].dt.tz_localize("UTC").dt.tz_convert("Asia/Tokyo")),   # same instants
         "cat": pa.array(test["cat"]).dictionary_encode(),
