@@ -166,17 +166,21 @@ def _score_sliced(det: "VAEAnomalyDetector", batch: pa.RecordBatch, passthrough:
         terms.append(t)
         kept.append(X.dense(flagged))
         flagged_at.append(flagged + off)
-    if len(terms) == 1:
-        merged = terms[0]
-    else:
-        kl_of = [t.column_kl for t in terms]
-        if any(k is not None for k in kl_of):
-            kl_of = [k if k is not None else np.zeros(t.column_nll.shape) for k, t in zip(kl_of, terms)]
-        merged = S.ScoreTerms(*(np.concatenate([getattr(t, f) for t in terms]) for f in S.ScoreTerms._fields[:4]),
-                              None if kl_of[0] is None else np.concatenate(kl_of))
     with rows(0, batch.num_rows):
-        table = det.score_table(merged, values=batch, X=np.concatenate(kept), X_rows=np.concatenate(flagged_at))
+        table = det.score_table(merge_terms(terms), values=batch, X=np.concatenate(kept),
+                                X_rows=np.concatenate(flagged_at))
     return _output_batch(batch, table, passthrough, schema)
+
+
+def merge_terms(terms: Sequence[S.ScoreTerms]) -> S.ScoreTerms:
+    """The ScoreTerms of consecutive slices of rows as one (column_kl: zeros where a slice had none)."""
+    if len(terms) == 1:
+        return terms[0]
+    kl_of = [t.column_kl for t in terms]
+    if any(k is not None for k in kl_of):
+        kl_of = [k if k is not None else np.zeros(t.column_nll.shape) for k, t in zip(kl_of, terms)]
+    return S.ScoreTerms(*(np.concatenate([getattr(t, f) for t in terms]) for f in S.ScoreTerms._fields[:4]),
+                        None if kl_of[0] is None else np.concatenate(kl_of))
 
 
 @contextmanager

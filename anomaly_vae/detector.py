@@ -23,7 +23,7 @@ from .drift import numeric_fractions
 from .errors import ConfigError, DataError
 from .evaluate import anomaly_mask
 from .masked import build_vae
-from .model import VAE, resolve_device
+from .model import VAE, resolve_device, scoring_dtype
 from .preprocess import Encoded, Preprocessor, dense
 from .sample import fit_marginals, sample_rows
 from .schema import Schema, as_frame, infer_schema, validate_arrow
@@ -234,18 +234,23 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         elif self.config_.score_method == "iwae":
             iw = self.vae_.iwae_nll(dense(X), self.config_.n_importance_samples, seed=self.config_.seed)
             terms = terms._replace(anomaly_score=iw)
-        if not attribute or self.typical_x_ is None or self.config_.objective == "ae":
-            # calibration runs before a threshold exists; a plain autoencoder has no KL to attribute
+        if not attribute:       # calibration runs before a threshold exists
             return terms
+        return self._attribute_kl(terms, X)
+
+    def _attribute_kl(self, terms: S.ScoreTerms, X: np.ndarray | Encoded) -> S.ScoreTerms:
+        """`terms` with column_kl for the flagged rows: the KL term has no column of its own,
+        so each column is charged the KL it causes (how much KL falls when that column alone
+        takes its typical value). A plain autoencoder has no KL to attribute."""
         flagged = terms.anomaly_score > self.threshold_
-        if flagged.any():
-            # the KL term has no column of its own: for flagged rows, charge each column the KL it
-            # causes (how much KL falls when that column alone takes its typical value)
-            column_kl = np.zeros(terms.column_nll.shape)
-            column_kl[flagged] = self.vae_.kl_occlusion(
-                dense(X, flagged), [np.flatnonzero(owner == j) for j in range(n_cols)], self.typical_x_)
-            terms = terms._replace(column_kl=column_kl)
-        return terms
+        if self.typical_x_ is None or self.config_.objective == "ae" or not flagged.any():
+            return terms
+        owner = self.preprocessor_.dim_to_column()
+        column_kl = np.zeros(terms.column_nll.shape)
+        column_kl[flagged] = self.vae_.kl_occlusion(
+            dense(X, flagged), [np.flatnonzero(owner == j) for j in range(len(self.preprocessor_.spans))],
+            self.typical_x_, dtype=scoring_dtype(self.precision, torch.device("cpu")))
+        return terms._replace(column_kl=column_kl)
 
     def _vae_on(self, device: torch.device) -> VAE:
         """The fitted network on `device` (a cached copy off the CPU)."""

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .preprocess import NULL, UNK, Preprocessor, _inverse_transform
+from .score import top_columns
 
 Z95 = 1.6448536269514722          # standard-normal 95% quantile: central 5-95% interval
 ENTRY_TYPE = pa.struct([
@@ -44,18 +45,6 @@ EXPLANATION_TYPE = pa.list_(ENTRY_TYPE)
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
-def top_columns(contrib: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k largest contributions per row, largest first. (n, c) -> (n, k) x2"""
-    n, c = contrib.shape
-    k = min(k, c)
-    if k == 0:
-        return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0))
-    idx = np.argpartition(-contrib, k - 1, axis=1)[:, :k] if k < c else np.tile(np.arange(c), (n, 1))
-    vals = np.take_along_axis(contrib, idx, 1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
-
-
 class Entries(NamedTuple):
     """The (row, column) pairs to explain, row-major, largest contribution first in each row."""
 
@@ -69,15 +58,14 @@ def select_entries(contrib: np.ndarray, k: int, rows: np.ndarray | None = None) 
     """The top-k columns of each row with a positive contribution; `rows` (n,) bool limits
     the rows explained (the others get none). (n, c) -> Entries"""
     n = contrib.shape[0]
-    idx, vals = top_columns(contrib, k)
+    at = np.arange(n) if rows is None else np.flatnonzero(rows)      # only these rows' top-k
+    idx, vals = top_columns(contrib[at], k)
     keep = vals > 0
-    if rows is not None:
-        keep &= np.asarray(rows, dtype=bool)[:, None]
+    counts = np.zeros(n, dtype=np.int32)
+    counts[at] = keep.sum(1)
     offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(keep.sum(1), out=offsets[1:])
-    flat = keep.ravel()
-    return Entries(np.repeat(np.arange(n), idx.shape[1])[flat], idx.ravel()[flat],
-                   vals.ravel()[flat].astype(np.float64), offsets)
+    np.cumsum(counts, out=offsets[1:])
+    return Entries(np.repeat(at, idx.shape[1])[keep.ravel()], idx[keep], vals[keep].astype(np.float64), offsets)
 
 
 def occlude(X: np.ndarray, columns: np.ndarray, owner: np.ndarray, typical: np.ndarray) -> np.ndarray:

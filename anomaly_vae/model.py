@@ -345,16 +345,27 @@ class VAE(nn.Module):
         mu, logvar = F.linear(h, *w["latent"]).split(self.latent_dim, dim=1)
         return mu, logvar.clamp(-12.0, 8.0)
 
-    def _encode_one_hot(self, x: torch.Tensor, dims: torch.Tensor,
-                        values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`encode` for x whose one-hot blocks are (dims, values), float32."""
-        ones = bool(values.eq(1.0).all())       # always, for rows from Preprocessor.encode
-        return self._encode_pass(x[:, :self._cat_start], dims, None if ones else values, torch.float32)
-
-    def encode_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`encode` for scoring (no gradients needed): the one-hot path when x allows it."""
+    def encode_rows(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode` for scoring (no gradients needed): the one-hot path when x allows it, its
+        MLP in `dtype` (see `scoring_dtype`); mu, logvar float32."""
         codes = self._one_hot_codes(x)
-        return self.encode(x) if codes is None else self._encode_one_hot(x, *codes)
+        if codes is None:
+            return self.encode(x)
+        dims, values = codes
+        mu, logvar = self._encode_pass(x[:, :self._cat_start], dims,
+                                       None if bool(values.eq(1.0).all()) else values, dtype)
+        return mu.float(), logvar.float()
+
+    def _forward_t(self, head: torch.Tensor, dims: torch.Tensor, values: torch.Tensor | None,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder, then decoder at z = mu, MLPs in `dtype`: mu, logvar (n, k) and the decoder
+        output transposed (n_outputs, n), all float32."""
+        mu, logvar = self._encode_pass(head, dims, values, dtype)
+        d = mu
+        for weight, bias in self._weights(dtype)["decoder"]:
+            d = F.silu(F.linear(d, weight, bias))
+        weight, bias = self._weights(dtype)["out"]
+        return mu.float(), logvar.float(), torch.addmm(bias, weight, d.T).float()
 
     def _sparse_terms(self, head: torch.Tensor, dims: torch.Tensor, values: torch.Tensor | None,
                       layout: "ColumnLayout", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,13 +374,7 @@ class VAE(nn.Module):
         The MLPs run in `dtype`; the likelihood terms in float32. The output layer is computed
         transposed, (outputs, n), so that each block's logits are contiguous for logsumexp and
         the observed logit is a gather."""
-        mu, logvar = self._encode_pass(head, dims, values, dtype)
-        d = mu
-        for weight, bias in self._weights(dtype)["decoder"]:
-            d = F.silu(F.linear(d, weight, bias))
-        weight, bias = self._weights(dtype)["out"]
-        out_t = torch.addmm(bias, weight, d.T).float()
-        mu, logvar = mu.float(), logvar.float()
+        mu, logvar, out_t = self._forward_t(head, dims, values, dtype)
         mean_t, raw_t, ind_t, cat_t = torch.split(out_t, self._splits, dim=0)
         if self.feature_raw_var is not None:        # one variance per feature: (n_num, 1)
             logvar_t = torch.log(self.var_floor + F.softplus(self.feature_raw_var))[:, None]
@@ -458,7 +463,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def kl_occlusion(self, X: np.ndarray, column_dims: list[np.ndarray], typical: np.ndarray,
-                     max_cells: int = 1 << 22) -> np.ndarray:
+                     max_cells: int = 1 << 22, dtype: torch.dtype = torch.float32) -> np.ndarray:
         """KL each column causes: KL(q(z|x)) minus KL with that column's dims set to `typical`
         (its usual encoded value), floored at 0. (n, n_columns); one encoder pass per column."""
         self.eval()
@@ -473,7 +478,7 @@ class VAE(nn.Module):
             for j, dims in enumerate(column_dims, start=1):
                 idx = torch.as_tensor(dims, dtype=torch.long)
                 batch[j * m:(j + 1) * m, idx] = typ[idx]
-            kl = kl_divergence(*self.encode_rows(batch)).sum(1).view(n_cols + 1, m)
+            kl = kl_divergence(*self.encode_rows(batch, dtype)).sum(1).view(n_cols + 1, m)
             out[i:i + m] = (kl[0] - kl[1:]).clamp_min(0.0).T.double().numpy()
         return out
 

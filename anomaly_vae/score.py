@@ -50,29 +50,35 @@ def feature_contributions(terms: ScoreTerms, reference_median: np.ndarray) -> np
     return contrib if terms.column_kl is None else contrib + terms.column_kl
 
 
+def top_columns(contrib: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest contributions per row, largest first. (n, c) -> (n, k) x2"""
+    n, c = contrib.shape
+    k = min(k, c)
+    if k == 0:
+        return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=contrib.dtype)
+    idx = np.argpartition(-contrib, k - 1, axis=1)[:, :k] if k < c else np.tile(np.arange(c), (n, 1))
+    vals = np.take_along_axis(contrib, idx, 1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
+
+
 def top_features(contrib: np.ndarray, names: Sequence[str], k: int = 3) -> pd.Series:
     """The k columns with the largest positive contributions per row, as 'name:+1.23;...'.
 
-    Built with Arrow string kernels (no per-row Python), as this runs on every scored row.
+    Built with Arrow string kernels (no per-row Python), as this runs on every scored row:
+    the positive entries are formatted once and joined per row as a list.
     (n, c) -> string Series of length n ('' when no column is above its normal median).
     """
     n, c = contrib.shape
     if c == 0 or n == 0:
         return pd.Series([""] * n, dtype="string")
-    k = min(k, c)
-    idx = np.argpartition(-contrib, k - 1, axis=1)[:, :k] if k < c else np.tile(np.arange(c), (n, 1))
-    vals = np.take_along_axis(contrib, idx, 1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
-    dictionary = pa.array([str(x) for x in names], type=pa.string())
-    parts = []
-    for j in range(k):
-        name = pa.DictionaryArray.from_arrays(pa.array(idx[:, j].astype(np.int32)), dictionary).cast(pa.string())
-        text = pc.binary_join_element_wise(name, _fmt2(vals[:, j]), ":+")
-        parts.append(pc.if_else(pa.array(vals[:, j] > 0), text, pa.scalar("", pa.string())))
-    # values are sorted, so the empty (non-positive) parts are trailing: strip their separators.
-    # (null_handling="skip" would be neater but drops rows whose parts are all null in pyarrow 25)
-    joined = pc.replace_substring_regex(pc.binary_join_element_wise(*parts, ";"), ";+$", "")
+    idx, vals = top_columns(contrib, k)
+    keep = vals > 0
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(keep.sum(1), out=offsets[1:])
+    prefix = pa.array([f"{x}:+" for x in names], type=pa.string())
+    text = pc.binary_join_element_wise(prefix.take(pa.array(idx[keep].astype(np.int32))), _fmt2(vals[keep]), "")
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), text), ";")
     return pd.Series(pd.arrays.ArrowStringArray(joined))    # Arrow-backed: no per-row Python strings
 
 

@@ -81,75 +81,67 @@ def child_in_memory(model: str, src: str) -> dict:
     return {"rows": len(scores), "seconds_in_ram": time.perf_counter() - t0}
 
 
-def child_stages(model: str, src: str, dst: str, batch_size: int) -> dict:
-    """The scoring pipeline, one stage after the other on one thread, each timed."""
+def child_stages(model: str, src: str, dst: str, batch_size: str, precision: str = "float32") -> dict:
+    """The scoring pipeline of `batch.score_file`, one stage after the other on one thread,
+    each timed, with the library's own functions. The network is timed by a forward-only pass
+    over the same rows (`VAE._forward_t`); NLL/KL is the fused pass (`_terms_from_X`) minus it."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch
 
     from anomaly_vae import VAEAnomalyDetector
-    from anomaly_vae import score as S
-    from anomaly_vae.batch import SCORE_FIELDS, output_schema
+    from anomaly_vae.batch import ENCODE_ROWS, _encode_batch, _output_batch, merge_terms, output_schema
     from anomaly_vae.io import iter_batches
-    from anomaly_vae.model import ColumnLayout, kl_divergence
-    import pyarrow as pa
+    from anomaly_vae.model import scoring_dtype
 
     torch.set_num_threads(1)
     t = {k: 0.0 for k in ("import_load", "read", "encode", "network", "nll_kl", "explanation", "write")}
     t0 = time.perf_counter()
-    det = VAEAnomalyDetector.load(model)
+    det = VAEAnomalyDetector.load(model).set_params(precision=precision)
     t["import_load"] = time.perf_counter() - t0    # imports happened at the top: see cli row
     features = [c.name for c in det.schema_.features]
     ids = [c for c in det.schema_.ids if c in pq.read_schema(src).names]
-    owner, n_cols = det.preprocessor_.dim_to_column(), len(det.preprocessor_.spans)
-    vae = det.vae_.eval()
-    layout = ColumnLayout.build(vae, owner, n_cols)
+    vae, dtype = det.vae_.eval(), scoring_dtype(precision, torch.device("cpu"))
     schema = output_schema(pq.read_schema(src), ids)
     writer = pq.ParquetWriter(dst, schema, compression="snappy")
     rows = 0
-    batches = iter_batches(src, batch_size, columns=ids + features)
+    batches = iter_batches(src, int(batch_size), columns=ids + features)
+    clock = time.perf_counter
     while True:
-        a = time.perf_counter()
+        a = clock()
         batch = next(batches, None)
-        b = time.perf_counter()
-        t["read"] += b - a
+        t["read"] += clock() - a
         if batch is None:
             break
-        X = det._encode(batch)
-        c = time.perf_counter()
-        t["encode"] += c - b
-        col_parts, kl_parts = [], []
-        net = 0.0
-        with torch.inference_mode():
-            for i in range(0, len(X), 16384):
-                x = torch.from_numpy(X[i:i + 16384])
-                n0 = time.perf_counter()
-                mu, logvar = vae.encode(x)
-                params = vae.decode(mu)
-                net += time.perf_counter() - n0
-                col_parts.append(vae.column_nll(x, params, layout).numpy())
-                kl_parts.append(kl_divergence(mu, logvar).sum(1).numpy())
-        d = time.perf_counter()
-        t["network"] += net
-        t["nll_kl"] += (d - c) - net
-        terms = S.scores_from_columns(np.concatenate(col_parts), np.concatenate(kl_parts))
-        flagged = terms.anomaly_score > det.threshold_
-        if flagged.any():
-            column_kl = np.zeros(terms.column_nll.shape)
-            column_kl[flagged] = vae.kl_occlusion(X[flagged], [np.flatnonzero(owner == j) for j in range(n_cols)],
-                                                  det.typical_x_)
-            terms = terms._replace(column_kl=column_kl)
-        table = det.score_table(terms, values=batch, X=X)
-        arrays = [batch.column(c) for c in ids] + [pa.array(table[f.name], type=f.type, from_pandas=True)
-                                                   for f in SCORE_FIELDS]
-        out = pa.RecordBatch.from_arrays(arrays, schema=schema)
-        e = time.perf_counter()
-        t["explanation"] += e - d
+        terms, kept, at = [], [], []
+        for off in range(0, batch.num_rows, ENCODE_ROWS):
+            a = clock()
+            enc = _encode_batch(det, batch.slice(off, ENCODE_ROWS))
+            b = clock()
+            with torch.inference_mode():
+                vae._forward_t(torch.from_numpy(enc.head), torch.from_numpy(enc.codes), None, dtype)
+            c = clock()
+            part = det._terms_from_X(enc, attribute=False)
+            d = clock()
+            part = det._attribute_kl(part, enc)
+            flagged = np.flatnonzero(part.anomaly_score > det.threshold_)
+            kept.append(enc.dense(flagged))
+            at.append(flagged + off)
+            terms.append(part)
+            t["encode"] += b - a
+            t["network"] += c - b
+            t["nll_kl"] += (d - c) - (c - b)
+            t["explanation"] += clock() - d
+        a = clock()
+        table = det.score_table(merge_terms(terms), values=batch, X=np.concatenate(kept), X_rows=np.concatenate(at))
+        out = _output_batch(batch, table, ids, schema)
+        b = clock()
+        t["explanation"] += b - a
         writer.write_batch(out)
-        t["write"] += time.perf_counter() - e
+        t["write"] += clock() - b
         rows += batch.num_rows
     writer.close()
-    return {"rows": rows, "stage_seconds": t}
+    return {"rows": rows, "precision": precision, "stage_seconds": t}
 
 
 def child_pyod(train_src: str, src: str, train_rows: int, features: list[str]) -> dict:
@@ -303,7 +295,9 @@ def bench_table(table: str, args, work: Path) -> dict:
             run["cli_no_mlflow"] = _cli(model, files[rows], work / "scored", "--no-mlflow")
             run["cli_bf16"] = _cli(model, files[rows], work / "scored", "--precision", "bfloat16")
             run["in_memory"] = _child("_in_memory", str(model), src)
-            run["stages"] = _child("_stages", str(model), src, str(work / "stages.parquet"), str(args.batch_size))
+            for key, precision in (("stages", "float32"), ("stages_bf16", "bfloat16")):
+                run[key] = _child("_stages", str(model), src, str(work / "stages.parquet"), str(args.batch_size),
+                                  precision)
             if args.pyod:
                 try:
                     run["pyod"] = _child("_pyod", str(files[rows_list[0]]), src, str(args.train_rows),
@@ -392,10 +386,12 @@ def print_table(rows: list[dict]) -> None:
 
 def print_stages(tables: list[dict]) -> None:
     for t in tables:
-        st = t["runs"][0].get("stages")
-        if st:
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in st["stage_seconds"].items())
-            print(f"stages [{t['table']}, {st['rows']:,} rows, one thread, seconds]: {parts}")
+        for key in ("stages", "stages_bf16"):
+            st = t["runs"][0].get(key)
+            if st:
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in st["stage_seconds"].items())
+                print(f"stages [{t['table']}, {st['rows']:,} rows, {st.get('precision', 'float32')}, one thread, "
+                      f"seconds]: {parts}")
 
 
 def _child_main(argv: list[str]) -> int:
@@ -405,7 +401,7 @@ def _child_main(argv: list[str]) -> int:
     elif step == "_in_memory":
         out = child_in_memory(a[0], a[1])
     elif step == "_stages":
-        out = child_stages(a[0], a[1], a[2], int(a[3]))
+        out = child_stages(*a)
     else:
         out = child_pyod(a[0], a[1], int(a[2]), json.loads(a[3]))
     print(json.dumps(out))
