@@ -64,7 +64,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
                  categorical: tuple[str, ...] | None = None, exclude: tuple[str, ...] | None = None,
                  id_cols: tuple[str, ...] | None = None, label: str | None = None,
                  random_state: int | None = None, n_threads: int | None = None,
-                 device: str = "auto", precision: str = "float32",
+                 device: str = "auto", precision: str = "auto",
                  verbose: bool = False) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden

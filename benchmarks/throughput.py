@@ -17,7 +17,8 @@ timestamp, 10 numeric, 6 categoricals, 2 booleans). For each table, in one run:
      and for the first row count only:
        cli_1thread   the same with ``--threads 1`` (default: a scoring worker per CPU);
        cli_no_mlflow the same with ``--no-mlflow`` (the cost of the scoring run's tracking);
-       cli_bf16   the same with ``--precision bfloat16`` (opt-in; see benchmarks/precision.py);
+       cli_float32 the same with ``--precision float32`` (the default ``auto`` is bfloat16 on a
+                  CPU with native BF16; see benchmarks/precision.py);
        in_memory  ``det.anomaly_score(table)`` on the whole table already in RAM (Arrow);
        stages     the same pipeline run sequentially with a timer per stage: read, encode,
                   network, NLL/KL, explanation, write;
@@ -293,7 +294,7 @@ def bench_table(table: str, args, work: Path) -> dict:
         if k == 0:
             run["cli_1thread"] = _cli(model, files[rows], work / "scored", "--threads", "1")
             run["cli_no_mlflow"] = _cli(model, files[rows], work / "scored", "--no-mlflow")
-            run["cli_bf16"] = _cli(model, files[rows], work / "scored", "--precision", "bfloat16")
+            run["cli_float32"] = _cli(model, files[rows], work / "scored", "--precision", "float32")
             run["in_memory"] = _child("_in_memory", str(model), src)
             for key, precision in (("stages", "float32"), ("stages_bf16", "bfloat16")):
                 run[key] = _child("_stages", str(model), src, str(work / "stages.parquet"), str(args.batch_size),
@@ -304,7 +305,7 @@ def bench_table(table: str, args, work: Path) -> dict:
                                          json.dumps(features))
                 except RuntimeError as exc:
                     print(f"  pyod reference failed: {str(exc)[:300]}", flush=True)
-        for key in ("cli", "cli_1thread", "cli_no_mlflow", "cli_bf16", "in_memory", "pyod"):
+        for key in ("cli", "cli_1thread", "cli_no_mlflow", "cli_float32", "in_memory", "pyod"):
             if key in run:
                 sec = run[key].get("seconds_in_ram", run[key]["seconds"])
                 run[key]["rows_per_s"] = rows / sec
@@ -364,7 +365,7 @@ def flat_rows(tables: list[dict]) -> list[dict]:
     for t in tables:
         for r in t["runs"]:
             floor = r["floor"]["rows_per_s"]
-            for key in ("floor", "cli", "cli_1thread", "cli_no_mlflow", "cli_bf16", "in_memory", "pyod"):
+            for key in ("floor", "cli", "cli_1thread", "cli_no_mlflow", "cli_float32", "in_memory", "pyod"):
                 if key not in r:
                     continue
                 m = r[key]

@@ -275,9 +275,10 @@ SHARED_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--device",), dict(default=None, metavar="DEVICE",
                          help="Where the network runs for train and score: auto (CUDA when available), cpu, "
                               "cuda, cuda:N [default: auto].")),
-    (("--precision",), dict(type=click.Choice(["float32", "bfloat16"]), default=None,
-                            help="Scoring MLP precision; bfloat16 is faster on CPUs with BF16 (see README: "
-                                 "Speed) [default: the model's (float32)].")),
+    (("--precision",), dict(type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+                            help="Scoring MLP precision: auto = bfloat16 where the CPU computes it natively "
+                                 "(AVX512-BF16/AMX), else float32 (see README: Speed) [default: the model's setting: "
+                                 "auto for new models; older model files say float32].")),
 )
 SHARED_NAMES = frozenset(decls[0].lstrip("-").replace("-", "_") for decls, _ in SHARED_OPTIONS)
 
