@@ -248,7 +248,7 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator):
         owner = self.preprocessor_.dim_to_column()
         column_kl = np.zeros(terms.column_nll.shape)
         column_kl[flagged] = self.vae_.kl_occlusion(
-            dense(X, flagged), [np.flatnonzero(owner == j) for j in range(len(self.preprocessor_.spans))],
+            X.take(flagged) if isinstance(X, Encoded) else X[flagged], [np.flatnonzero(owner == j) for j in range(len(self.preprocessor_.spans))],
             self.typical_x_, dtype=scoring_dtype(self.precision, torch.device("cpu")))
         return terms._replace(column_kl=column_kl)
 

@@ -398,7 +398,7 @@ class VAE(nn.Module):
         return col_t.T, kl_divergence(mu, logvar).sum(1)
 
     def column_terms(self, X: Any, owner: np.ndarray, n_columns: int, *,
-                     batch_size: int = 16384, precision: str = "float32",
+                     batch_size: int = 4096, precision: str = "float32",
                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """Deterministic scoring terms in one fused pass: per-column NLL at z = mu (n, n_columns)
         and KL per row (n,), both float32. `X` is encoded rows (n, n_dims) or a
@@ -406,7 +406,8 @@ class VAE(nn.Module):
         `owner` (n_dims,) maps each dim to its column. precision: "float32", "bfloat16" (the
         encoder/decoder MLPs in bf16, the likelihood terms in float32) or "auto" (bfloat16 where
         the device computes it natively, see `scoring_dtype`). Results are deterministic for a
-        given model, machine and setting."""
+        given model, machine and setting. Rows go through in blocks of `batch_size` (4096: the
+        layers' activations stay in cache; measured 1.3x faster than 16384 on one core)."""
         self.eval()
         device = torch.device(device)
         dtype = scoring_dtype(precision, device)
@@ -462,11 +463,17 @@ class VAE(nn.Module):
         return out
 
     @torch.no_grad()
-    def kl_occlusion(self, X: np.ndarray, column_dims: list[np.ndarray], typical: np.ndarray,
+    def kl_occlusion(self, X: Any, column_dims: list[np.ndarray], typical: np.ndarray,
                      max_cells: int = 1 << 22, dtype: torch.dtype = torch.float32) -> np.ndarray:
         """KL each column causes: KL(q(z|x)) minus KL with that column's dims set to `typical`
-        (its usual encoded value), floored at 0. (n, n_columns); one encoder pass per column."""
+        (its usual encoded value), floored at 0. (n, n_columns); one encoder pass per column.
+        X is dense (n, n_dims) or `preprocess.Encoded` (then the occluded copies stay compact)."""
         self.eval()
+        if not isinstance(X, np.ndarray):
+            occluders = self._compact_occluders(column_dims, typical)
+            if occluders is not None:
+                return self._kl_occlusion_compact(X, occluders, typical, max_cells, dtype)
+            X = X.dense()
         n_cols = len(column_dims)
         out = np.zeros((len(X), n_cols), dtype=np.float64)
         chunk = max(1, max_cells // max(1, (n_cols + 1) * self.n_dims))
@@ -480,6 +487,49 @@ class VAE(nn.Module):
                 batch[j * m:(j + 1) * m, idx] = typ[idx]
             kl = kl_divergence(*self.encode_rows(batch, dtype)).sum(1).view(n_cols + 1, m)
             out[i:i + m] = (kl[0] - kl[1:]).clamp_min(0.0).T.double().numpy()
+        return out
+
+    def _compact_occluders(self, column_dims: list[np.ndarray], typical: np.ndarray
+                           ) -> list[tuple[np.ndarray, list[tuple[int, int]]]] | None:
+        """Per column: (its dims in the head, [(one-hot block, typical dim)]) for occluding
+        compact rows; None when `typical` is not one-hot in some block or the layout is not
+        the preprocessor's (then the dense path is used)."""
+        if not self._one_hot_tail:
+            return None
+        block_of = {d: (j, a, b) for j, (a, b) in enumerate(self.cat_spans) for d in range(a, b)}
+        out = []
+        for dims in column_dims:
+            dims = np.asarray(dims, dtype=np.int64)
+            blocks = []
+            for j, a, b in {block_of[int(d)] for d in dims if d >= self._cat_start}:
+                if not (np.count_nonzero(typical[a:b]) == 1 and typical[a:b].max() == 1.0):
+                    return None
+                blocks.append((j, a + int(np.argmax(typical[a:b]))))
+            out.append((dims[dims < self._cat_start], sorted(blocks)))
+        return out
+
+    def _kl_occlusion_compact(self, X: Any, occluders: list, typical: np.ndarray, max_cells: int,
+                              dtype: torch.dtype) -> np.ndarray:
+        n_cols = len(occluders)
+        out = np.zeros((len(X), n_cols), dtype=np.float64)
+        chunk = max(1, min(max_cells // max(1, (n_cols + 1) * (X.head.shape[1] + X.codes.shape[1])),
+                           16384 // (n_cols + 1)))          # <= 16k encoder rows a pass: cache-sized
+        typ = torch.from_numpy(np.asarray(typical, dtype=np.float32))
+        with torch.inference_mode():
+            for i in range(0, len(X), chunk):
+                head, codes = torch.from_numpy(X.head[i:i + chunk]), torch.from_numpy(X.codes[i:i + chunk])
+                m = len(head)
+                head, codes = head.repeat(n_cols + 1, 1), codes.repeat(n_cols + 1, 1)
+                for j, (dims, blocks) in enumerate(occluders, start=1):
+                    rows = slice(j * m, (j + 1) * m)
+                    if len(dims):
+                        idx = torch.from_numpy(dims)
+                        head[rows, idx] = typ[idx]
+                    for block, dim in blocks:
+                        codes[rows, block] = dim
+                mu, logvar = self._encode_pass(head, codes, None, dtype)
+                kl = kl_divergence(mu.float(), logvar.float()).sum(1).view(n_cols + 1, m)
+                out[i:i + m] = (kl[0] - kl[1:]).clamp_min(0.0).T.double().numpy()
         return out
 
     @torch.no_grad()

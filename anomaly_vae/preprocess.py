@@ -56,6 +56,10 @@ class Encoded(NamedTuple):
     def __len__(self) -> int:
         return len(self.head)
 
+    def take(self, rows: np.ndarray) -> "Encoded":
+        """These rows (positions or a boolean mask), still compact."""
+        return Encoded(self.head[rows], self.codes[rows], self.n_dims)
+
     def dense(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """X (or X[rows]) as `Preprocessor.encode` gives it: (n, n_dims) float32."""
         head, codes = (self.head, self.codes) if rows is None else (self.head[rows], self.codes[rows])

@@ -136,8 +136,8 @@ def test_one_hot_scoring_path_equals_the_dense_one_and_falls_back():
 
 
 def test_compact_rows_score_like_dense_ones_and_bf16_weights_follow_the_parameters():
-    """column_terms on `Encoded` rows (head + one-hot codes, as batch scoring passes them)
-    gives the dense rows' numbers; bfloat16 runs on cached bf16 weights that are re-made when
+    """column_terms and kl_occlusion on `Encoded` rows (head + one-hot codes, as batch scoring
+    passes them) give the dense rows' numbers; bfloat16 runs on cached bf16 weights that are re-made when
     a parameter changes; "auto" picks bf16 exactly where the CPU has it natively."""
     from anomaly_vae.model import cpu_has_native_bf16, scoring_dtype
     from anomaly_vae.preprocess import Encoded
@@ -163,6 +163,14 @@ def test_compact_rows_score_like_dense_ones_and_bf16_weights_follow_the_paramete
     np.testing.assert_allclose(vae.column_terms(enc, owner, 4, precision="bfloat16")[0],
                                _dense_terms(vae, X, owner)[0], rtol=0.05, atol=0.05)
     assert not np.allclose(vae.column_terms(enc, owner, 4, precision="bfloat16")[0], bf[0], atol=0.05)
+    cols = [np.flatnonzero(owner == j) for j in range(4)]
+    typical = np.array([0.1, -0.2, 0.0, 0, 1, 0, 1, 0, 0], dtype=np.float32)     # one-hot blocks
+    np.testing.assert_allclose(vae.kl_occlusion(enc, cols, typical), vae.kl_occlusion(X, cols, typical),
+                               rtol=1e-5, atol=1e-6)
+    soft = typical.copy()
+    soft[3:6] = [0.2, 0.5, 0.3]                  # not one-hot: the compact rows are made dense
+    np.testing.assert_allclose(vae.kl_occlusion(enc, cols, soft), vae.kl_occlusion(X, cols, soft),
+                               rtol=1e-5, atol=1e-6)
     native = cpu_has_native_bf16()
     assert scoring_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
     np.testing.assert_array_equal(vae.column_terms(enc, owner, 4, precision="auto")[0],
