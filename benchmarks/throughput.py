@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=20, help="columns of the wide table")
     p.add_argument("--rows", nargs="+", default=["1e6"], help="row counts, e.g. 1e6 1e7")
     p.add_argument("--train-rows", type=int, default=100_000)
-    p.add_argument("--batch-size", type=int, default=65536)
+    p.add_argument("--batch-size", type=int, default=32768)
     p.add_argument("--pyod", action=argparse.BooleanOptionalAction, default=True,
                    help="PyOD VAE reference (needs the bench extra)")
     p.add_argument("--workdir", type=Path, default=None, help="data/models/outputs (default: a temp dir)")

@@ -97,7 +97,7 @@ def test_nightly_runs_beside_the_training_run_with_metrics_drift_and_model_link(
         assert mv.source == f"models:/{tags['model_id']}" and "model_path" not in tags
         linked = env.client.get_run(run.info.run_id).inputs.model_inputs          # MLflow 3 model link
         assert [i.model_id for i in linked] == [tags["model_id"]]
-        assert p["n_inputs"] == "2" and "part-0.parquet" in p["inputs"] and p["batch_size"] == "65536"
+        assert p["n_inputs"] == "2" and "part-0.parquet" in p["inputs"] and p["batch_size"] == "32768"
         assert p["output"] == str(outs[night]) and p["resume"] == "False"
 
         summary = json.loads((outs[night] / "_manifest.json").read_text())["files"]

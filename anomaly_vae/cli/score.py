@@ -19,7 +19,7 @@ from .state import State, _mlflow_options, _model_option, pass_state
               help="Output directory: one <name>.scored.parquet per input, plus _manifest.json.")
 @click.option("--keep", type=click.Choice(["ids", "all"]), default="ids", show_default=True,
               help="Pass through the model's id columns, or every input column.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=65536, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=32768, show_default=True,
               help="Rows per record batch (memory grows with it).")
 @click.option("--resume", is_flag=True, help="Skip inputs the manifest marks done (after an interrupted run).")
 @click.option("--keep-going", "-k", is_flag=True,
