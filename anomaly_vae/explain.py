@@ -244,10 +244,14 @@ def _fmt(x: np.ndarray, decimals) -> pa.Array:
     decimals, e.g. 4812.0 -> '4,812.00'; non-finite -> 'nan' / 'inf'. Vectorised."""
     x = np.asarray(x, dtype=np.float64)
     dec = np.broadcast_to(np.asarray(decimals, dtype=np.int64), x.shape)
-    out = pa.nulls(len(x), pa.string())
-    for d in np.unique(dec):
-        out = pc.if_else(pa.array(dec == d), _fmt_fixed(x, int(d)), out)
-    return out
+    kinds = np.unique(dec)
+    if len(kinds) <= 1:
+        return _fmt_fixed(x, int(kinds[0]) if len(kinds) else 0)
+    order = np.argsort(dec, kind="stable")       # each number formatted once, with its decimals
+    parts = [_fmt_fixed(x[order][dec[order] == d], int(d)) for d in kinds]
+    inverse = np.empty(len(x), dtype=np.int64)
+    inverse[order] = np.arange(len(x))
+    return pa.concat_arrays(parts).take(pa.array(inverse))
 
 
 def _fmt_fixed(x: np.ndarray, d: int) -> pa.Array:
