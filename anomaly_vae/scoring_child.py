@@ -20,8 +20,10 @@ import io
 import logging
 import os
 import pickle
+import queue
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from typing import Any, Mapping
@@ -48,12 +50,10 @@ def _portable(reply: dict[str, Any]) -> dict[str, Any]:
     exc = reply.get("error")
     if exc is None:
         return reply
+    from .scoring_runs import picklable_error
+
     exc.add_note("in the MLflow scoring-run process:\n" + "".join(traceback.format_exception(exc)).rstrip())
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:  # noqa: BLE001 - e.g. an exception type with a custom __init__
-        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-    return {"error": exc}
+    return {"error": picklable_error(exc)}
 
 
 def main() -> int:
@@ -76,14 +76,22 @@ def main() -> int:
     except (EOFError, pickle.UnpicklingError):
         return 0                        # killed before it even said what to open
     _setup_logging(spec.get("log_levels") or {})
+    incoming: queue.Queue[Any] = queue.Queue()
+
+    def read_results() -> None:         # at once, so that the scoring process never waits to send them
+        try:
+            incoming.put(receive(requests))
+        except Exception:  # noqa: BLE001 - end of file or a torn message: the scoring process died
+            incoming.put(None)
+
+    threading.Thread(target=read_results, name="results", daemon=True).start()
     writer = RunWriter(spec)
     opened = call(writer.open)
     reply(opened)
     if "ok" not in opened:
         return 1
-    try:
-        results = receive(requests)
-    except Exception:  # noqa: BLE001 - end of file or a torn message: the scoring process died
+    results = incoming.get()
+    if results is None:
         log.warning("scoring run %s: %s; ending it FAILED", writer.run_id, ABANDONED)
         results = {"status": "FAILED", "error": ABANDONED}
     reply(call(writer.end, results))

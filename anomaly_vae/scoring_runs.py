@@ -363,6 +363,8 @@ class ScoringRun:
     def fail(self, exc: BaseException) -> None:
         """End the run FAILED after `exc` (what was gathered so far is logged). Never raises:
         the original error is what the caller reports. Nothing to do if the run never started."""
+        if self._writer is None:
+            return
         try:
             what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if isinstance(exc, SystemExit):
@@ -401,6 +403,28 @@ def call(fn: Any, *args: Any) -> dict[str, Any]:
         return {"error": exc}
 
 
+def picklable_error(exc: Exception) -> Exception:
+    """`exc` if it survives pickling, else a copy that does (an MlflowException subclass with
+    its own __init__ -> MlflowException with the same error code, anything else -> RuntimeError),
+    its type name leading the message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - whatever unpickling a custom exception type raises
+        pass
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ErrorCode
+
+    text = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+    if isinstance(exc, MlflowException):
+        copy: Exception = MlflowException(text, error_code=ErrorCode.Value(exc.error_code))
+    else:
+        copy = RuntimeError(text)
+    for note in getattr(exc, "__notes__", ()):
+        copy.add_note(note)
+    return copy
+
+
 class _InProcessWriter:
     """A `RunWriter` called in this process (background=False): opens the run right away."""
 
@@ -422,11 +446,16 @@ class _ChildWriter:
     def __init__(self, spec: Mapping[str, Any]) -> None:
         package_root = str(Path(__file__).resolve().parents[1])     # the child runs this very code
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
         self.replies: queue.Queue[Any] = queue.Queue()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
+            send(self.proc.stdin, dict(spec))      # small: fits in the pipe, never blocks
+        except OSError as exc:                     # raised by `finish`, as an error opening the run
+            self.proc = None
+            self.replies.put({"error": exc})
+            return
         threading.Thread(target=self._read, name="mlflow-scoring-run", daemon=True).start()
-        send(self.proc.stdin, dict(spec))          # small: fits in the pipe, never blocks
 
     def _read(self) -> None:
         try:
@@ -448,17 +477,19 @@ class _ChildWriter:
         return reply
 
     def end(self, results: Mapping[str, Any], timeout: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Wait for the child to have opened the run, send `results`, wait for it to have ended
-        the run and exited (`timeout` seconds in all). Returns the two replies (see `_InProcessWriter`)."""
+        """Send `results` (the child reads them as soon as they come, even while it opens the
+        run), then wait for it to have opened and ended the run and exited (`timeout` seconds
+        in all). Returns the two replies (see `_InProcessWriter`). After a timeout the child
+        still ends the run with these results on its own."""
         deadline = time.monotonic() + timeout
-        opened = self._reply(deadline, timeout)
-        if "ok" not in opened:
-            return opened, None
         try:
             send(self.proc.stdin, dict(results))
             self.proc.stdin.close()
-        except OSError:          # the child died meanwhile: the next reply says so
+        except (OSError, AttributeError):      # the child died (or never started): its reply says so
             pass
+        opened = self._reply(deadline, timeout)
+        if "ok" not in opened:
+            return opened, None
         ended = self._reply(deadline, timeout)
         if "timeout" not in ended:
             try:
