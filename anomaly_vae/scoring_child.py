@@ -10,6 +10,7 @@ original stdout, which is moved away from fd 1 so that nothing else can write in
 
 then it exits. End of file on stdin instead of the results (the scoring process was SIGKILLed
 or crashed): the run ends FAILED with tag ``anomaly_vae.error`` = `scoring_runs.ABANDONED`.
+It runs at nice +10 (scoring has the CPU first; what is left is done while `finish` waits).
 Its life follows the pipe: SIGINT, SIGTERM and SIGHUP sent to the whole process group (Ctrl-C,
 systemd, a closed terminal) are ignored here; the scoring process handles them and either
 sends its results or dies (end of file).
@@ -57,6 +58,7 @@ def _portable(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
+    os.nice(10)                         # scoring first: this work waits for idle CPU (done by `finish`)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     replies = os.fdopen(os.dup(1), "wb")
@@ -99,4 +101,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The run is ended and its reply sent: skip the interpreter's teardown (with MLflow and
+    # SQLAlchemy loaded it takes about a second, which `finish` would wait for).
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
