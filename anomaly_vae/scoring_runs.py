@@ -126,7 +126,7 @@ class RunWriter:
         return None
 
     def _tags(self, model_id: str | None) -> dict[str, str]:
-        from .tracking import _owner_tags
+        from .store import _owner_tags
 
         info = self.info
         tags = {RUN_TYPE_TAG: RUN_TYPE, **_owner_tags(), "model_uri": str(info.get("uri"))}
@@ -151,8 +151,7 @@ class RunWriter:
         from mlflow.tracking import MlflowClient
 
         from . import plots  # noqa: F401 - matplotlib is needed by `end`: import it here, while scoring runs
-        from .store import _ensure_configured, ui_url
-        from .tracking import end_interrupted_runs
+        from .store import _ensure_configured, end_interrupted_runs, ui_url
 
         self.tracking_uri = _ensure_configured(self.tracking_uri)
         self.client = MlflowClient()
