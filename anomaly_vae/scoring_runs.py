@@ -5,8 +5,13 @@ A `ScoringRun` is made before scoring (cheap: nothing imported or written yet), 
 never opens one), fed every scored batch (`on_batch`, a `monitor.ScoringMonitor`) and ended
 FINISHED (`finish`) or FAILED (`fail`: bad input, --keep-going failures, SIGTERM, Ctrl-C).
 
-`start` opens the MLflow run on a background thread (importing MLflow and opening the store
-take seconds, and overlap with scoring: torch releases the GIL); `finish` / `fail` wait for it.
+The MLflow side is a `RunWriter`. `start` runs it in a child process (`anomaly_vae.scoring_child`,
+started with ``python -m``: no torch, its own GIL), so importing MLflow, opening the store and
+rendering the plots never slow the scoring down; the scoring process only gathers the
+statistics. `finish` / `fail` send the results and wait for the child to have ended the run
+(at most END_TIMEOUT seconds). If the scoring process dies (SIGKILL, OOM killer) the child
+reads end-of-file instead of the results and ends the run FAILED (ABANDONED). With
+``background=False`` the same `RunWriter` runs in-process (e.g. for tests of timing).
 
 The run goes to the experiment of the model's training run (from the registered version or
 the run of a runs:/ or models:/<model_id> URI), else to the named experiment; tag
@@ -14,19 +19,25 @@ the run of a runs:/ or models:/<model_id> URI), else to the named experiment; ta
 runs. It is linked to the logged model it used (a run input of type model, MLflow 3) and tagged
 ``model_name`` / ``model_version`` / ``model_uri`` (a local model directory: ``model_path``).
 
-One of the tracking modules, the only ones that import mlflow (here inside functions).
+One of the tracking modules, the only ones that import mlflow (here inside functions, and only
+in `RunWriter`: the scoring process never imports it for a run).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
+import queue
 import re
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any, Mapping, Sequence
 
 from . import __version__
 
@@ -44,47 +55,31 @@ RUN_TYPE = "scoring"
 MAX_LISTED_INPUTS = 20          # inputs named in the `inputs` param (the count is `n_inputs`)
 MAX_PARAM_CHARS = 500
 TOP_ROWS_ARTIFACT = "flagged/top_flagged.csv"
+END_TIMEOUT = 120.0             # seconds `finish` / `fail` wait for the child to end the run
+CHILD_MODULE = "anomaly_vae.scoring_child"
+ABANDONED = "scoring process ended without finishing (killed?)"
 _LOGGED_MODEL = re.compile(r"^models:/(m-[0-9a-f]+)/?$")
 _METRIC_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
-class ScoringRun:
-    """The MLflow run of one `score` invocation (see the module docstring).
+class RunWriter:
+    """The MLflow side of one scoring run, everything that imports mlflow: `open` the run,
+    `end` it with the results. The same code runs in the child process and in-process.
 
-    det, model_info : the detector and `registry.load_detector`'s info dict (uri, name, version, run_id)
-    experiment : experiment for models without a training run, or for every model with
-        `explicit_experiment`
-    inputs, params : what the run was asked to do (params: output, batch_size, keep, resume, ...)
-    tracking_uri : the store (default: the one `store.configure` chose, else env / default)
-    background : open the run on a thread (False: in `start`, e.g. for tests of timing)
+    spec : what `ScoringRun.spec` sends: tracking_uri, experiment, explicit_experiment, info
+        (the model info dict), run_name, params (name -> value, logged as they are)
     """
 
-    def __init__(self, det: "VAEAnomalyDetector", model_info: Mapping[str, Any], *,
-                 experiment: str = DEFAULT_EXPERIMENT, explicit_experiment: bool = False,
-                 inputs: Sequence[Any] = (), params: Mapping[str, Any] | None = None,
-                 tracking_uri: str | None = None, run_name: str | None = None,
-                 background: bool = True) -> None:
-        from .monitor import ScoringMonitor
-
-        self.det = det
-        self.info = dict(model_info)
-        self.experiment = experiment
-        self.explicit_experiment = explicit_experiment
-        self.inputs = [str(p) for p in inputs]
-        self.params = dict(params or {})
-        self.run_name = run_name
-        self.background = background
-        self.tracking_uri = tracking_uri
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.info = dict(spec["info"])
+        self.experiment = spec["experiment"]
+        self.explicit_experiment = bool(spec["explicit_experiment"])
+        self.run_name = spec.get("run_name")
+        self.params = dict(spec["params"])
+        self.tracking_uri = spec.get("tracking_uri")
+        self.client: Any = None
         self.experiment_id: str | None = None
         self.run_id: str | None = None
-        self.client: Any = None
-        self.monitor: ScoringMonitor = ScoringMonitor(
-            getattr(det, "reference_", None) or {}, getattr(det, "calibration_scores_", []), det.schema_,
-            det.threshold_, passthrough=list(det.schema_.ids))
-        self.monitor_error: str | None = None
-        self._t0 = 0.0
-        self._opener: threading.Thread | None = None
-        self._open_error: BaseException | None = None
 
     # ------------------------------------------------------------------ opening
     def _experiment_id(self) -> str:
@@ -131,7 +126,7 @@ class ScoringRun:
         return None
 
     def _tags(self, model_id: str | None) -> dict[str, str]:
-        from .tracking import _owner_tags
+        from .store import _owner_tags
 
         info = self.info
         tags = {RUN_TYPE_TAG: RUN_TYPE, **_owner_tags(), "model_uri": str(info.get("uri"))}
@@ -147,28 +142,16 @@ class ScoringRun:
             tags["model_path"] = str(info.get("uri"))       # a local model directory: no version
         return tags
 
-    def _params(self) -> list[Any]:
-        from mlflow.entities import Param
-
-        listed = self.inputs[:MAX_LISTED_INPUTS]
-        text = ", ".join(listed) + (f", ... (+{len(self.inputs) - len(listed)} more)"
-                                    if len(self.inputs) > len(listed) else "")
-        if len(text) > MAX_PARAM_CHARS:
-            text = text[:MAX_PARAM_CHARS - 3] + "..."
-        values = {"inputs": text, "n_inputs": len(self.inputs), **self.params,
-                  "threshold": float(self.det.threshold_), "anomaly_vae_version": __version__}
-        return [Param(k, str(v)) for k, v in values.items() if v is not None]
-
-    def _open(self) -> None:
-        """Import MLflow, open the store, find the experiment, create the run with its tags,
-        params and model link (the part that takes seconds)."""
-        from mlflow.entities import LoggedModelInput
+    def open(self) -> dict[str, Any]:
+        """Import MLflow, open the store, find the experiment, end the runs of killed processes,
+        create the run with its tags, params and model link (the part that takes seconds).
+        Returns run_id, experiment_id, tracking_uri and the UI links (ui, experiment_ui)."""
+        from mlflow.entities import LoggedModelInput, Param
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        from . import plots  # noqa: F401 - matplotlib is needed by `finish`: import it here, off the main path
-        from .store import _ensure_configured
-        from .tracking import end_interrupted_runs
+        from . import plots  # noqa: F401 - matplotlib is needed by `end`: import it here, while scoring runs
+        from .store import _ensure_configured, end_interrupted_runs, ui_url
 
         self.tracking_uri = _ensure_configured(self.tracking_uri)
         self.client = MlflowClient()
@@ -178,38 +161,124 @@ class ScoringRun:
         name = self.run_name or f"score {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
         run = self.client.create_run(self.experiment_id, run_name=name, tags=self._tags(model_id))
         self.run_id = run.info.run_id
-        self.client.log_batch(self.run_id, params=self._params())
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in self.params.items()])
         if model_id:
             try:
                 self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
             except MlflowException as exc:      # e.g. a server older than MLflow 3
                 log.warning("cannot link run %s to logged model %s: %s", self.run_id, model_id, exc.message)
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.tracking_uri,
+                "ui": ui_url(self.experiment_id, self.run_id, self.tracking_uri),
+                "experiment_ui": ui_url(self.experiment_id, None, self.tracking_uri)}
 
-    def _open_safely(self) -> None:
+    # ------------------------------------------------------------------ end
+    def end(self, results: Mapping[str, Any]) -> dict[str, Any]:
+        """Log `results` (`ScoringRun.results`: status, metrics, error, monitor_error, summary,
+        artifacts) and end the run with their status. If logging fails the run still ends
+        FAILED, and the error is raised."""
         try:
-            self._open()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread by `_opened`
-            self._open_error = exc
+            self._log_results(results)
+        except BaseException:
+            try:
+                self.client.set_terminated(self.run_id, "FAILED")
+            finally:
+                raise
+        self.client.set_terminated(self.run_id, results["status"])
+        return {"status": results["status"]}
 
-    def _opened(self) -> bool:
-        """Wait for the run to be open; re-raise what opening it raised. False if never started."""
-        if self._opener is None:
-            return False
-        self._opener.join()
-        if self._open_error is not None:
-            err, self._open_error = self._open_error, None
-            raise err
-        return self.run_id is not None
+    def _log_results(self, results: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        tags = [RunTag(k, v[:5000]) for k, v in (("anomaly_vae.error", results.get("error")),
+                                                 ("anomaly_vae.monitor_error", results.get("monitor_error"))) if v]
+        metrics = [Metric(k, v, now, 0) for k, v in (results.get("metrics") or {}).items()]
+        self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
+        if results.get("artifacts") is not None:
+            self._log_artifacts(results["artifacts"], results.get("summary"))
+        elif results.get("summary") is not None:
+            self.client.log_dict(self.run_id, results["summary"], "summary.json")
+
+    def _log_artifacts(self, data: Mapping[str, Any], summary: Mapping[str, Any] | None) -> None:
+        """drift/ (table as CSV and JSON, PSI plot), the top flagged rows, the score histogram
+        over the calibration scores and summary.json; `data` is `ScoringRun._artifact_data`."""
+        from . import plots
+        from .drift import psi_plot
+
+        table = data["drift"]
+        with tempfile.TemporaryDirectory(prefix="anomaly-vae-run-") as tmp:
+            root = Path(tmp)
+            for sub in ("drift", "flagged", "plots"):
+                (root / sub).mkdir()
+            table.to_csv(root / "drift" / "drift.csv", index=False)
+            (root / "drift" / "drift.json").write_text(table.to_json(orient="records", indent=1))
+            data["top_rows"].to_csv(root / TOP_ROWS_ARTIFACT, index=False)
+            plots.scores_vs_calibration(data["score_sample"], data["calibration_scores"], data["threshold"]).savefig(
+                root / "plots" / "score_histogram.png", dpi=100)
+            psi_plot(table).savefig(root / "drift" / "psi.png", dpi=100)
+            if summary is not None:
+                (root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            self.client.log_artifacts(self.run_id, str(root))
+
+
+class ScoringRun:
+    """The MLflow run of one `score` invocation (see the module docstring).
+
+    det, model_info : the detector and `registry.load_detector`'s info dict (uri, name, version, run_id)
+    experiment : experiment for models without a training run, or for every model with
+        `explicit_experiment`
+    inputs, params : what the run was asked to do (params: output, batch_size, keep, resume, ...)
+    tracking_uri : the store (default: the one `store.configure` chose, else env / default)
+    background : the MLflow side in a child process (False: in-process, in `start` and `finish`,
+        e.g. for tests of timing)
+    """
+
+    def __init__(self, det: "VAEAnomalyDetector", model_info: Mapping[str, Any], *,
+                 experiment: str = DEFAULT_EXPERIMENT, explicit_experiment: bool = False,
+                 inputs: Sequence[Any] = (), params: Mapping[str, Any] | None = None,
+                 tracking_uri: str | None = None, run_name: str | None = None,
+                 background: bool = True) -> None:
+        from .monitor import ScoringMonitor
+
+        self.det = det
+        self.info = dict(model_info)
+        self.experiment = experiment
+        self.explicit_experiment = explicit_experiment
+        self.inputs = [str(p) for p in inputs]
+        self.params = dict(params or {})
+        self.run_name = run_name
+        self.background = background
+        self.tracking_uri = tracking_uri
+        self.experiment_id: str | None = None
+        self.run_id: str | None = None
+        self.monitor: ScoringMonitor = ScoringMonitor(
+            getattr(det, "reference_", None) or {}, getattr(det, "calibration_scores_", []), det.schema_,
+            det.threshold_, passthrough=list(det.schema_.ids))
+        self.monitor_error: str | None = None
+        self._t0 = 0.0
+        self._writer: _ChildWriter | _InProcessWriter | None = None
+        self._links: dict[str, str] = {}
+
+    def spec(self) -> dict[str, Any]:
+        """What `RunWriter` needs to open the run (sent to the child at `start`)."""
+        listed = self.inputs[:MAX_LISTED_INPUTS]
+        text = ", ".join(listed) + (f", ... (+{len(self.inputs) - len(listed)} more)"
+                                    if len(self.inputs) > len(listed) else "")
+        if len(text) > MAX_PARAM_CHARS:
+            text = text[:MAX_PARAM_CHARS - 3] + "..."
+        params = {"inputs": text, "n_inputs": len(self.inputs), **self.params,
+                  "threshold": float(self.det.threshold_), "anomaly_vae_version": __version__}
+        return {"tracking_uri": self.tracking_uri, "experiment": self.experiment,
+                "explicit_experiment": self.explicit_experiment, "info": self.info, "run_name": self.run_name,
+                "params": {k: v for k, v in params.items() if v is not None},
+                "log_levels": {name: logging.getLogger(name).getEffectiveLevel()
+                               for name in ("anomaly_vae", "mlflow", "alembic")}}
 
     # ------------------------------------------------------------------ hooks
     def start(self) -> None:
-        """Start opening the run (on a thread unless background=False) and the clock."""
+        """Start opening the run (in the child process unless background=False) and the clock."""
         self._t0 = time.perf_counter()
-        self._opener = threading.Thread(target=self._open_safely, name="mlflow-scoring-run", daemon=True)
-        if self.background:
-            self._opener.start()
-        else:
-            self._opener.run()
+        self._writer = _ChildWriter(self.spec()) if self.background else _InProcessWriter(self.spec())
 
     def on_batch(self, source: Any, batch: "pa.RecordBatch", scored: "pa.RecordBatch") -> None:
         """Feed one scored batch to the monitor. A monitor failure (a bug) never fails the
@@ -249,77 +318,184 @@ class ScoringRun:
             out["rows_per_s"] = out["rows"] / seconds if seconds > 0 else 0.0
         return {_metric_key(k): float(v) for k, v in out.items() if v is not None and v == v}
 
-    def _log_results(self, summary: Mapping[str, Any] | None, error: str | None,
-                     seconds: float | None = None) -> dict[str, float]:
-        from mlflow.entities import Metric, RunTag
-
-        metrics = self.metrics(summary, seconds)
-        now = int(time.time() * 1000)
-        tags = [RunTag(k, v[:5000]) for k, v in (("anomaly_vae.error", error),
-                                                 ("anomaly_vae.monitor_error", self.monitor_error)) if v]
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=tags)
+    def results(self, status: str, summary: Mapping[str, Any] | None, error: str | None,
+                seconds: float | None = None) -> dict[str, Any]:
+        """What `RunWriter.end` logs: status, metrics, error and monitor_error tags, summary
+        (summary.json) and the monitor's data for the artifacts (None when it saw no row)."""
+        artifacts = None
         if self.monitor_error is None and self.monitor.rows:
-            self._log_artifacts(summary)
-        elif summary is not None:
-            self.client.log_dict(self.run_id, _summary_json(summary), "summary.json")
-        return metrics
+            mon = self.monitor
+            artifacts = {"drift": mon.drift_table(), "top_rows": mon.top_rows(), "score_sample": mon.score_sample(),
+                         "calibration_scores": mon.calibration_scores, "threshold": mon.threshold}
+        return {"status": status, "metrics": self.metrics(summary, seconds), "error": error,
+                "monitor_error": self.monitor_error, "artifacts": artifacts,
+                "summary": None if summary is None else _summary_json(summary)}
 
-    def _log_artifacts(self, summary: Mapping[str, Any] | None) -> None:
-        from . import plots
-        from .drift import psi_plot
-
-        mon = self.monitor
-        table = mon.drift_table()
-        with tempfile.TemporaryDirectory(prefix="anomaly-vae-run-") as tmp:
-            root = Path(tmp)
-            for sub in ("drift", "flagged", "plots"):
-                (root / sub).mkdir()
-            table.to_csv(root / "drift" / "drift.csv", index=False)
-            (root / "drift" / "drift.json").write_text(table.to_json(orient="records", indent=1))
-            mon.top_rows().to_csv(root / TOP_ROWS_ARTIFACT, index=False)
-            plots.scores_vs_calibration(mon.score_sample(), mon.calibration_scores, mon.threshold).savefig(
-                root / "plots" / "score_histogram.png", dpi=100)
-            psi_plot(table).savefig(root / "drift" / "psi.png", dpi=100)
-            if summary is not None:
-                (root / "summary.json").write_text(json.dumps(_summary_json(summary), indent=1, default=str))
-            self.client.log_artifacts(self.run_id, str(root))
+    def _end(self, results: Mapping[str, Any]) -> bool:
+        """Have the writer end the run with `results`; raise what opening or ending it raised
+        (a run that did not answer in END_TIMEOUT seconds is a warning). False if never started."""
+        writer, self._writer = self._writer, None          # ended once: `fail` after `finish` does nothing
+        if writer is None:
+            return False
+        opened, ended = writer.end(results, END_TIMEOUT)
+        if "ok" in opened:
+            self._links = opened["ok"]
+            self.run_id, self.experiment_id = self._links["run_id"], self._links["experiment_id"]
+            self.tracking_uri = self._links["tracking_uri"]
+        for reply in (opened, ended or {}):
+            if "timeout" in reply:
+                log.warning("%s", reply["timeout"])
+            elif "error" in reply:
+                raise reply["error"]
+        return True
 
     def finish(self, summary: Mapping[str, Any]) -> dict[str, float]:
         """Log metrics and artifacts of a run that went through every input; end it FINISHED,
         or FAILED when some input failed (--keep-going). Returns the metrics."""
         seconds = time.perf_counter() - self._t0 if self._t0 else 0.0     # scoring, not logging
-        self._opened()
         failed = bool(summary.get("failed"))
         error = f"{summary['failed']} input(s) failed; first: {summary['failures'][0]}" if failed else None
-        metrics = self._log_results(summary, error, seconds)
-        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
-        return metrics
+        results = self.results("FAILED" if failed else "FINISHED", summary, error, seconds)
+        self._end(results)
+        return results["metrics"]
 
     def fail(self, exc: BaseException) -> None:
         """End the run FAILED after `exc` (what was gathered so far is logged). Never raises:
         the original error is what the caller reports. Nothing to do if the run never started."""
+        if self._writer is None:
+            return
         try:
-            if not self._opened():
-                return
             what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if isinstance(exc, SystemExit):
                 what = f"stopped by a signal (exit {exc.code})"
-            try:
-                self._log_results(None, " ".join(what.split()))
-            finally:
-                self.client.set_terminated(self.run_id, "FAILED")
+            self._end(self.results("FAILED", None, " ".join(what.split())))
         except Exception as err:  # noqa: BLE001 - the scoring error matters more
             log.warning("could not end scoring run %s as FAILED: %s", self.run_id, err)
 
     def ui(self) -> str:
         """The run in the MLflow UI."""
-        from .store import ui_url
-        return ui_url(self.experiment_id, self.run_id, self.tracking_uri)
+        return self._links["ui"]
 
     def experiment_ui(self) -> str:
         """The experiment's runs table in the MLflow UI."""
-        from .store import ui_url
-        return ui_url(self.experiment_id, None, self.tracking_uri)
+        return self._links["experiment_ui"]
+
+
+# ------------------------------------------------------------------ where RunWriter runs
+def send(stream: IO[bytes], message: Any) -> None:
+    """One message between the scoring process and its child (pickled: both ends are this
+    package, and nothing read from a file goes through the pipe)."""
+    pickle.dump(message, stream, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.flush()
+
+
+def receive(stream: IO[bytes]) -> Any:
+    """The next message of `send` (EOFError at the end of the pipe)."""
+    return pickle.load(stream)
+
+
+def call(fn: Any, *args: Any) -> dict[str, Any]:
+    """{"ok": fn(*args)}, or {"error": the exception it raised}."""
+    try:
+        return {"ok": fn(*args)}
+    except Exception as exc:  # noqa: BLE001 - raised by `ScoringRun._end`, in the scoring process
+        return {"error": exc}
+
+
+def picklable_error(exc: Exception) -> Exception:
+    """`exc` if it survives pickling, else a copy that does (an MlflowException subclass with
+    its own __init__ -> MlflowException with the same error code, anything else -> RuntimeError),
+    its type name leading the message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - whatever unpickling a custom exception type raises
+        pass
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ErrorCode
+
+    text = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+    if isinstance(exc, MlflowException):
+        copy: Exception = MlflowException(text, error_code=ErrorCode.Value(exc.error_code))
+    else:
+        copy = RuntimeError(text)
+    for note in getattr(exc, "__notes__", ()):
+        copy.add_note(note)
+    return copy
+
+
+class _InProcessWriter:
+    """A `RunWriter` called in this process (background=False): opens the run right away."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.writer = RunWriter(spec)
+        self.opened = call(self.writer.open)
+
+    def end(self, results: Mapping[str, Any], timeout: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(the reply of `open`, the reply of `end`, None when the run did not open)."""
+        if "ok" not in self.opened:
+            return self.opened, None
+        return self.opened, call(self.writer.end, results)
+
+
+class _ChildWriter:
+    """A `RunWriter` in a child process (`anomaly_vae.scoring_child`, the protocol is there):
+    started with the run's spec, its replies read on a thread (so that waiting is bounded)."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        package_root = str(Path(__file__).resolve().parents[1])     # the child runs this very code
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        self.replies: queue.Queue[Any] = queue.Queue()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
+            send(self.proc.stdin, dict(spec))      # small: fits in the pipe, never blocks
+        except OSError as exc:                     # raised by `finish`, as an error opening the run
+            self.proc = None
+            self.replies.put({"error": exc})
+            return
+        threading.Thread(target=self._read, name="mlflow-scoring-run", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                self.replies.put(receive(self.proc.stdout))
+        except Exception:  # noqa: BLE001 - end of file (or a torn message): the child is gone
+            self.replies.put(None)
+
+    def _reply(self, deadline: float, timeout: float) -> dict[str, Any]:
+        try:
+            reply = self.replies.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return {"timeout": f"the MLflow scoring run (process {self.proc.pid}) did not answer in "
+                               f"{timeout:.0f} s; it may still end the run"}
+        if reply is None:
+            self.replies.put(None)
+            return {"error": RuntimeError(f"the MLflow scoring-run process {self.proc.pid} exited "
+                                          f"(code {self.proc.wait()}) before ending the run")}
+        return reply
+
+    def end(self, results: Mapping[str, Any], timeout: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Send `results` (the child reads them as soon as they come, even while it opens the
+        run), then wait for it to have opened and ended the run and exited (`timeout` seconds
+        in all). Returns the two replies (see `_InProcessWriter`). After a timeout the child
+        still ends the run with these results on its own."""
+        deadline = time.monotonic() + timeout
+        try:
+            send(self.proc.stdin, dict(results))
+            self.proc.stdin.close()
+        except (OSError, AttributeError):      # the child died (or never started): its reply says so
+            pass
+        opened = self._reply(deadline, timeout)
+        if "ok" not in opened:
+            return opened, None
+        ended = self._reply(deadline, timeout)
+        if "timeout" not in ended:
+            try:
+                self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return opened, ended
 
 
 def _metric_key(name: str) -> str:

@@ -14,9 +14,10 @@ import json
 import logging
 import os
 import re
+import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -212,3 +213,57 @@ def _quiet_downloads():
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
+
+
+# ------------------------------------------- runs of killed processes (no RUNNING ghosts)
+# (here, not in `tracking`: the scoring-run child process needs them without pandas and sklearn)
+OWNER_TAGS = ("anomaly_vae.host", "anomaly_vae.pid", "anomaly_vae.pid_start")
+
+
+def _process_start(pid: int) -> str:
+    """Start time of process `pid` (clock ticks since boot, Linux /proc); "" when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2:].split()[19]       # field 22, after "pid (comm)"
+
+
+def _owner_tags() -> dict[str, str]:
+    """Tags naming the process that opens a run, so a later start can tell whether it died."""
+    pid = os.getpid()
+    return dict(zip(OWNER_TAGS, (socket.gethostname(), str(pid), _process_start(pid))))
+
+
+def _owner_alive(tags: Mapping[str, str]) -> bool:
+    try:
+        pid = int(tags.get("anomaly_vae.pid", ""))
+        os.kill(pid, 0)
+    except ValueError:
+        return True                      # not our tag format: leave the run alone
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                             # alive, another user's
+    started, now = tags.get("anomaly_vae.pid_start", ""), _process_start(pid)
+    return not (started and now and started != now)      # same pid, another process: dead
+
+
+def end_interrupted_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of `experiment_id` opened on this host by a process that no
+    longer exists (a SIGKILLed or crashed `train` / `retrain`); returns their ids. Runs of other
+    hosts, or without the owner tags, are left alone (their processes cannot be checked here)."""
+    host = socket.gethostname()
+    where = f"attributes.status = 'RUNNING' and tags.`anomaly_vae.host` = '{_quote(host)}'"
+    runs = client.search_runs([experiment_id], filter_string=where, max_results=500)
+    ended = []
+    for run in runs:
+        if not _owner_alive(run.data.tags):
+            client.set_tag(run.info.run_id, "anomaly_vae.ended_by",
+                           f"a later start: process {run.data.tags.get('anomaly_vae.pid')} on {host} had exited "
+                           "without ending this run (killed or crashed)")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        log.warning("marked %d run(s) of killed processes as KILLED: %s", len(ended), ", ".join(ended))
+    return ended

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
@@ -208,7 +209,7 @@ def test_a_run_locked_out_by_another_score_logs_nothing(env, tmp_path):
 
 def test_sigterm_ends_the_scoring_run_failed(env, tmp_path):
     src = tmp_path / "big.parquet"
-    pd.concat([env.nights["2026-11-30"][1]] * 100, ignore_index=True).to_parquet(src, index=False)  # 120k rows
+    pd.concat([env.nights["2026-11-30"][1]] * 200, ignore_index=True).to_parquet(src, index=False)  # 240k rows
     out = tmp_path / "out"
     before = {r.info.run_id for r in _scoring_runs(env)}
     proc = subprocess.Popen([str(ENTRY), "-q", "--threads", "1", "--tracking-uri", env.uri, "score", "-m",
@@ -235,7 +236,7 @@ def test_sigterm_ends_the_scoring_run_failed(env, tmp_path):
             proc.wait(timeout=30)
     run = env.client.get_run(new[0].info.run_id)
     assert run.info.status == "FAILED" and "signal" in run.data.tags["anomaly_vae.error"]
-    assert 0 < run.data.metrics["rows"] < 120_000                  # what was scored until the signal
+    assert 0 < run.data.metrics["rows"] < 240_000                  # what was scored until the signal
     assert not (out / "big.scored.parquet").exists()
 
 
@@ -267,3 +268,117 @@ def test_train_summary_prints_the_runs_view(env, tmp_path):
             "customer_id,fraud_type", "--epochs", "1", "--experiment", EXPERIMENT, "-o", tmp_path / "m")
     assert f"ui:         http://127.0.0.1:5000/#/experiments/{env.exp_id}/runs?workflowType=machine_learning" \
         in r.stdout
+
+
+def _alive(pid: int) -> bool:
+    """Process `pid` exists and is not a zombie (Linux /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def test_sigkill_of_score_ends_its_run_failed_and_the_child_exits(env, tmp_path):
+    """The MLflow side runs in a child process: when `score` is SIGKILLed mid-run (no handler
+    runs) the child reads end-of-file instead of the results, ends the run FAILED and exits."""
+    src = tmp_path / "big.parquet"
+    pd.concat([env.nights["2026-11-30"][1]] * 200, ignore_index=True).to_parquet(src, index=False)  # 240k rows
+    out = tmp_path / "out"
+    before = {r.info.run_id for r in _scoring_runs(env)}
+    proc = subprocess.Popen([str(ENTRY), "-q", "--threads", "1", "--tracking-uri", env.uri, "score", "-m",
+                             f"models:/{NAME}@champion", str(src), "-o", str(out), "--batch-size", "500"],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, stderr=subprocess.PIPE,
+                            text=True)
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        # scoring is under way: a row group is in the hidden temporary output (the child was
+        # started before the first batch; the run may or may not be open yet)
+        while time.monotonic() < deadline and proc.poll() is None and not any(
+                p.stat().st_size > 4096 for p in out.rglob("*") if ".tmp-" in p.name and p.is_file()):
+            time.sleep(0.05)
+        (child,) = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL, "score finished before it could be killed (timing)"
+        deadline = time.monotonic() + 60
+        new = []
+        while time.monotonic() < deadline and not (new and new[0].info.status != "RUNNING"):
+            time.sleep(0.2)
+            new = [r for r in _scoring_runs(env) if r.info.run_id not in before]
+        assert len(new) == 1 and new[0].info.status == "FAILED", new
+        assert new[0].data.tags["anomaly_vae.error"] == "scoring process ended without finishing (killed?)"
+        assert new[0].data.tags["anomaly_vae.pid"] == str(child)          # the child owned the run
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), f"child process {child} left behind"
+    finally:
+        for pid in (proc.pid, child):
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (out / "big.scored.parquet").exists()
+
+
+def test_the_child_process_logs_the_run_without_importing_torch(env, tmp_path):
+    """The protocol of anomaly_vae.scoring_child driven by hand, under -X importtime: the run
+    is opened and ended FINISHED with its artifacts, and torch is never imported there."""
+    from anomaly_vae import scoring_runs as R
+
+    d, _ = env.nights["2026-11-30"]
+    run = R.ScoringRun(env.det, {"uri": str(env.root / "local-model"), "name": None, "version": None,
+                                 "run_id": None}, inputs=[d], tracking_uri=env.uri, experiment="child-protocol")
+    for i in range(2):
+        rb = pa.RecordBatch.from_pandas(pd.read_parquet(d / f"part-{i}.parquet"), preserve_index=False)
+        run.on_batch(d, rb, batch.score_batch(env.det, rb, list(env.det.schema_.ids)))
+    summary = {"files": 1, "scored": 1, "skipped": 0, "failed": 0, "failures": [], "rows": 1200,
+               "flagged": run.monitor.flagged}
+    err = tmp_path / "child.stderr"                    # a file: the import times fill a pipe
+    with err.open("wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", R.CHILD_MODULE], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        R.send(proc.stdin, run.spec())
+        opened = R.receive(proc.stdout)
+        assert "ok" in opened, opened
+        opened = opened["ok"]
+        R.send(proc.stdin, run.results("FINISHED", summary, None, 1.0))
+        proc.stdin.close()
+        assert R.receive(proc.stdout) == {"ok": {"status": "FINISHED"}}
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    stderr = err.read_text()
+    imported = {line.split("|")[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+    assert "mlflow" in imported and "matplotlib" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "sklearn")}      # nor the training code
+    logged = env.client.get_run(opened["run_id"])
+    assert logged.info.status == "FINISHED" and logged.data.metrics["rows"] == 1200
+    assert logged.data.tags["anomaly_vae.pid"] == str(proc.pid)
+    assert opened["experiment_ui"].endswith(f"/#/experiments/{opened['experiment_id']}/runs?workflowType=machine_learning")
+    assert _artifacts(env.client, opened["run_id"], "plots") == ["plots/score_histogram.png"]
+
+
+def test_background_false_runs_the_same_writer_in_process(env, tmp_path):
+    from anomaly_vae.scoring_runs import ScoringRun
+
+    d, _ = env.nights["2026-11-30"]
+    info = {"uri": f"models:/{NAME}@champion", "name": NAME, "version": env.run.version, "run_id": env.run.run_id}
+    files = [d / "part-0.parquet", d / "part-1.parquet"]
+    run = ScoringRun(env.det, info, inputs=files, tracking_uri=env.uri, background=False)
+    result = batch.score_files(env.det, files, tmp_path / "out", model_info=info, on_start=run.start,
+                               on_batch=run.on_batch, on_input=run.on_input)
+    metrics = run.finish(result["summary"])
+    logged = env.client.get_run(run.run_id)
+    assert logged.info.status == "FINISHED" and logged.info.experiment_id == env.exp_id
+    assert logged.data.tags["anomaly_vae.pid"] == str(os.getpid())        # no child process
+    assert logged.data.metrics["rows"] == metrics["rows"] == 1200
+    assert _artifacts(env.client, run.run_id, "drift") == ["drift/drift.csv", "drift/drift.json", "drift/psi.png"]
+    assert run.ui().endswith(f"/#/experiments/{env.exp_id}/runs/{run.run_id}?workflowType=machine_learning")

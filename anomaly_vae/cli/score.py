@@ -120,8 +120,8 @@ def _one_torch_thread_per_worker() -> None:
 
 def _scoring_run(ctx: click.Context, state: State, det, info: dict, files: list, experiment: str,
                  params: dict):
-    """The MLflow run record of this invocation; it opens itself (store, experiment, run) on a
-    thread once the output lock is held, so importing MLflow overlaps with scoring."""
+    """The MLflow run record of this invocation; it opens itself (store, experiment, run) in a
+    child process once the output lock is held, so MLflow never competes with scoring for the GIL."""
     import logging
 
     from ..scoring_runs import ScoringRun
