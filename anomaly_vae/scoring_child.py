@@ -5,6 +5,8 @@ matplotlib; never torch) beside the scoring process, with its own interpreter an
 Protocol (messages of `scoring_runs.send`; stdin from the scoring process, replies on the
 original stdout, which is moved away from fd 1 so that nothing else can write into it):
 
+    in:  optionally {"prepare": {tracking_uri, log_levels}} (`scoring_runs.prepare_child`): no reply;
+         MLflow is imported and the store opened while the scoring process loads its model
     in:  the run spec (`ScoringRun.spec`)        out: {"ok": run_id, experiment_id, ...} or {"error": exc}
     in:  the results (`ScoringRun.results`)      out: {"ok": {"status": ...}} or {"error": exc}
 
@@ -75,9 +77,14 @@ def main() -> int:
 
     try:
         spec = receive(requests)
+        if "prepare" in spec:
+            _setup_logging(spec["prepare"].get("log_levels") or {})
+            call(RunWriter.prepare, spec["prepare"].get("tracking_uri"))     # what fails here, `open` reports
+            spec = receive(requests)
+        else:
+            _setup_logging(spec.get("log_levels") or {})
     except (EOFError, pickle.UnpicklingError):
-        return 0                        # killed before it even said what to open
-    _setup_logging(spec.get("log_levels") or {})
+        return 0                        # ended (or killed) before it said what to open: no run
     incoming: queue.Queue[Any] = queue.Queue()
 
     def read_results() -> None:         # at once, so that the scoring process never waits to send them

@@ -5,10 +5,12 @@ A `ScoringRun` is made before scoring (cheap: nothing imported or written yet), 
 never opens one), fed every scored batch (`on_batch`, a `monitor.ScoringMonitor`) and ended
 FINISHED (`finish`) or FAILED (`fail`: bad input, --keep-going failures, SIGTERM, Ctrl-C).
 
-The MLflow side is a `RunWriter`. `start` runs it in a child process (`anomaly_vae.scoring_child`,
+The MLflow side is a `RunWriter`. It runs in a child process (`anomaly_vae.scoring_child`,
 started with ``python -m``: no torch, its own GIL), so importing MLflow, opening the store and
 rendering the plots never slow the scoring down; the scoring process only gathers the
-statistics. `finish` / `fail` send the results and wait for the child to have ended the run
+statistics. `score` starts that child before it loads the model (`prepare_child`: MLflow is
+imported and the store opened on the CPU the loading leaves idle, about 3 s) and `start` sends
+it the run to open; without a prepared child, `start` starts one. `finish` / `fail` send the results and wait for the child to have ended the run
 (at most END_TIMEOUT seconds). If the scoring process dies (SIGKILL, OOM killer) the child
 reads end-of-file instead of the results and ends the run FAILED (ABANDONED). With
 ``background=False`` the same `RunWriter` runs in-process (e.g. for tests of timing).
@@ -82,6 +84,23 @@ class RunWriter:
         self.run_id: str | None = None
 
     # ------------------------------------------------------------------ opening
+    @staticmethod
+    def prepare(tracking_uri: str | None) -> None:
+        """What `open` needs before it knows the run: MLflow and matplotlib imported, the
+        store (and its registry) opened; MLflow caches the stores by URI, so `open` reuses
+        them. Run by the child while the scoring process loads torch and the model. A store
+        that does not open is left for `open`, which raises the same error in its place."""
+        from mlflow.tracking import MlflowClient
+
+        from . import plots  # noqa: F401 - matplotlib, for `end`
+        from .store import _ensure_configured
+
+        try:
+            client = MlflowClient(_ensure_configured(tracking_uri))
+            client._get_registry_client()
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            log.debug("preparing the MLflow store failed (open will say why): %s", exc)
+
     def _experiment_id(self) -> str:
         """The training run's experiment (unless explicit), else `experiment` (created if missing)."""
         from mlflow.exceptions import MlflowException
@@ -237,7 +256,7 @@ class ScoringRun:
                  experiment: str = DEFAULT_EXPERIMENT, explicit_experiment: bool = False,
                  inputs: Sequence[Any] = (), params: Mapping[str, Any] | None = None,
                  tracking_uri: str | None = None, run_name: str | None = None,
-                 background: bool = True) -> None:
+                 background: bool = True, child: "_ChildWriter | None" = None) -> None:
         from .monitor import ScoringMonitor
 
         self.det = det
@@ -257,6 +276,7 @@ class ScoringRun:
         self.monitor_error: str | None = None
         self._t0 = 0.0
         self._writer: _ChildWriter | _InProcessWriter | None = None
+        self._child = child
         self._links: dict[str, str] = {}
 
     def spec(self) -> dict[str, Any]:
@@ -270,15 +290,24 @@ class ScoringRun:
                   "threshold": float(self.det.threshold_), "anomaly_vae_version": __version__}
         return {"tracking_uri": self.tracking_uri, "experiment": self.experiment,
                 "explicit_experiment": self.explicit_experiment, "info": self.info, "run_name": self.run_name,
-                "params": {k: v for k, v in params.items() if v is not None},
-                "log_levels": {name: logging.getLogger(name).getEffectiveLevel()
-                               for name in ("anomaly_vae", "mlflow", "alembic")}}
+                "params": {k: v for k, v in params.items() if v is not None}, "log_levels": log_levels()}
 
     # ------------------------------------------------------------------ hooks
     def start(self) -> None:
         """Start opening the run (in the child process unless background=False) and the clock."""
         self._t0 = time.perf_counter()
-        self._writer = _ChildWriter(self.spec()) if self.background else _InProcessWriter(self.spec())
+        if not self.background:
+            self._writer = _InProcessWriter(self.spec())
+            return
+        child, self._child = self._child or _ChildWriter(), None
+        self._writer = child.open(self.spec())
+
+    def discard(self) -> None:
+        """Stop a child process given at construction that no run was started in (the
+        command failed or was locked out before scoring): it exits without opening a run."""
+        child, self._child = self._child, None
+        if child is not None:
+            child.close()
 
     def on_batch(self, source: Any, batch: "pa.RecordBatch", scored: "pa.RecordBatch") -> None:
         """Feed one scored batch to the monitor. A monitor failure (a bug) never fails the
@@ -336,6 +365,7 @@ class ScoringRun:
         (a run that did not answer in END_TIMEOUT seconds is a warning). False if never started."""
         writer, self._writer = self._writer, None          # ended once: `fail` after `finish` does nothing
         if writer is None:
+            self.discard()
             return False
         opened, ended = writer.end(results, END_TIMEOUT)
         if "ok" in opened:
@@ -363,6 +393,7 @@ class ScoringRun:
         """End the run FAILED after `exc` (what was gathered so far is logged). Never raises:
         the original error is what the caller reports. Nothing to do if the run never started."""
         if self._writer is None:
+            self.discard()
             return
         try:
             what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -382,6 +413,20 @@ class ScoringRun:
 
 
 # ------------------------------------------------------------------ where RunWriter runs
+def log_levels() -> dict[str, int]:
+    """The scoring process's log levels, which the child applies to itself."""
+    return {name: logging.getLogger(name).getEffectiveLevel() for name in ("anomaly_vae", "mlflow", "alembic")}
+
+
+def prepare_child(tracking_uri: str | None = None) -> "_ChildWriter":
+    """Start the child process of a scoring run now, before torch and the model are loaded:
+    it imports MLflow and opens the store `tracking_uri` (default: the one `store.configure`
+    would choose) on the CPU that loading leaves idle, so the run opens at once when scoring
+    starts. Pass it to `ScoringRun(child=...)`; if no run is started, `ScoringRun.discard`
+    (or the child's `close`) lets it exit without opening one."""
+    return _ChildWriter({"tracking_uri": tracking_uri, "log_levels": log_levels()})
+
+
 def send(stream: IO[bytes], message: Any) -> None:
     """One message between the scoring process and its child (pickled: both ends are this
     package, and nothing read from a file goes through the pipe)."""
@@ -439,22 +484,45 @@ class _InProcessWriter:
 
 
 class _ChildWriter:
-    """A `RunWriter` in a child process (`anomaly_vae.scoring_child`, the protocol is there):
-    started with the run's spec, its replies read on a thread (so that waiting is bounded)."""
+    """A `RunWriter` in a child process (`anomaly_vae.scoring_child`, the protocol is there),
+    started at once (optionally preparing the store, `prepare_child`); `open` sends it the
+    run's spec. Its replies are read on a thread (so that waiting is bounded)."""
 
-    def __init__(self, spec: Mapping[str, Any]) -> None:
+    def __init__(self, prepare: Mapping[str, Any] | None = None) -> None:
         package_root = str(Path(__file__).resolve().parents[1])     # the child runs this very code
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         self.replies: queue.Queue[Any] = queue.Queue()
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
-            send(self.proc.stdin, dict(spec))      # small: fits in the pipe, never blocks
+            if prepare is not None:
+                send(self.proc.stdin, {"prepare": dict(prepare)})   # small: fits in the pipe, never blocks
         except OSError as exc:                     # raised by `finish`, as an error opening the run
             self.proc = None
             self.replies.put({"error": exc})
             return
         threading.Thread(target=self._read, name="mlflow-scoring-run", daemon=True).start()
+
+    def open(self, spec: Mapping[str, Any]) -> "_ChildWriter":
+        """Have the child open the run of `spec` (it replies when it has; see `end`)."""
+        if self.proc is not None:
+            try:
+                send(self.proc.stdin, dict(spec))
+            except OSError as exc:
+                self.replies.put({"error": exc})
+        return self
+
+    def close(self) -> None:
+        """End a child that was never sent a spec: at end of file it exits, opening nothing,
+        once it has prepared (not waited for here: an error exit is not delayed by MLflow's
+        imports; a thread reaps it)."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        threading.Thread(target=self.proc.wait, name="mlflow-scoring-run-exit", daemon=True).start()
 
     def _read(self) -> None:
         try:

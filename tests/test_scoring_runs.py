@@ -205,9 +205,45 @@ def test_a_run_locked_out_by_another_score_logs_nothing(env, tmp_path):
         r = cli("--tracking-uri", env.uri, "score", "-m", f"models:/{NAME}@champion", d, "-o", out, ok=False)
     assert r.exit_code == 3 and "another `score` run" in r.stderr
     assert len(all_runs()) == before
+    _wait_for_no_child_runs()       # the child started to prepare MLflow exits, opening no run
+    assert len(all_runs()) == before
 
 
-def test_sigterm_ends_the_scoring_run_failed(env, tmp_path):
+def test_a_model_that_does_not_load_logs_nothing_and_its_child_exits(env, tmp_path):
+    d, _ = env.nights["2026-11-30"]
+    before = len(env.client.search_runs([env.exp_id]))
+    r = cli("--tracking-uri", env.uri, "score", "-m", f"models:/{NAME}@no-such-alias", d, "-o", tmp_path / "out",
+            ok=False)
+    assert r.exit_code == 2 and "no-such-alias" in r.stderr, r.stderr
+    _wait_for_no_child_runs()
+    assert len(env.client.search_runs([env.exp_id])) == before
+    assert not (tmp_path / "out").exists()
+
+
+def _wait_for_no_child_runs(timeout: float = 60.0) -> None:
+    """Wait until this process has no `anomaly_vae.scoring_child` child process left (fail if one stays)."""
+    from anomaly_vae.scoring_runs import CHILD_MODULE
+
+    def children():
+        out = []
+        for pid in _children(os.getpid()):
+            try:
+                if CHILD_MODULE in Path(f"/proc/{pid}/cmdline").read_bytes().decode() and _alive(pid):
+                    out.append(pid)
+            except OSError:
+                pass
+        return out
+
+    deadline = time.monotonic() + timeout
+    while children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not children(), f"scoring-run child process(es) {children()} left behind"
+
+
+def _start_big_score(env, tmp_path):
+    """`anomaly-vae score` of 240k rows in 500-row batches in a subprocess, once scoring is
+    under way (a row group is in the hidden temporary output; the run may or may not be open
+    yet: its child process opens it). Returns (process, output dir, scoring runs before)."""
     src = tmp_path / "big.parquet"
     pd.concat([env.nights["2026-11-30"][1]] * 200, ignore_index=True).to_parquet(src, index=False)  # 240k rows
     out = tmp_path / "out"
@@ -216,13 +252,16 @@ def test_sigterm_ends_the_scoring_run_failed(env, tmp_path):
                              f"models:/{NAME}@champion", str(src), "-o", str(out), "--batch-size", "500"],
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, stderr=subprocess.PIPE,
                             text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not any(
+            p.stat().st_size > 4096 for p in out.rglob("*") if ".tmp-" in p.name and p.is_file()):
+        time.sleep(0.05)
+    return proc, out, before
+
+
+def test_sigterm_ends_the_scoring_run_failed(env, tmp_path):
+    proc, out, before = _start_big_score(env, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        # signal once scoring is under way: a row group is in the hidden temporary output (the
-        # run may not be open yet: its child process opens it, and `fail` waits for that)
-        while time.monotonic() < deadline and proc.poll() is None and not any(
-                p.stat().st_size > 4096 for p in out.rglob("*") if ".tmp-" in p.name and p.is_file()):
-            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=150) == 143, proc.stderr.read()
     finally:
@@ -283,22 +322,9 @@ def _children(pid: int) -> list[int]:
 def test_sigkill_of_score_ends_its_run_failed_and_the_child_exits(env, tmp_path):
     """The MLflow side runs in a child process: when `score` is SIGKILLed mid-run (no handler
     runs) the child reads end-of-file instead of the results, ends the run FAILED and exits."""
-    src = tmp_path / "big.parquet"
-    pd.concat([env.nights["2026-11-30"][1]] * 200, ignore_index=True).to_parquet(src, index=False)  # 240k rows
-    out = tmp_path / "out"
-    before = {r.info.run_id for r in _scoring_runs(env)}
-    proc = subprocess.Popen([str(ENTRY), "-q", "--threads", "1", "--tracking-uri", env.uri, "score", "-m",
-                             f"models:/{NAME}@champion", str(src), "-o", str(out), "--batch-size", "500"],
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, stderr=subprocess.PIPE,
-                            text=True)
+    proc, out, before = _start_big_score(env, tmp_path)
     child = None
     try:
-        deadline = time.monotonic() + 120
-        # scoring is under way: a row group is in the hidden temporary output (the child was
-        # started before the first batch; the run may or may not be open yet)
-        while time.monotonic() < deadline and proc.poll() is None and not any(
-                p.stat().st_size > 4096 for p in out.rglob("*") if ".tmp-" in p.name and p.is_file()):
-            time.sleep(0.05)
         (child,) = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL, "score finished before it could be killed (timing)"
@@ -321,9 +347,11 @@ def test_sigkill_of_score_ends_its_run_failed_and_the_child_exits(env, tmp_path)
     assert not (out / "big.scored.parquet").exists()
 
 
-def test_the_child_process_logs_the_run_without_importing_torch(env, tmp_path):
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepared", "spec-first"])
+def test_the_child_process_logs_the_run_without_importing_torch(env, tmp_path, prepare):
     """The protocol of anomaly_vae.scoring_child driven by hand, under -X importtime: the run
-    is opened and ended FINISHED with its artifacts, and torch is never imported there."""
+    is opened and ended FINISHED with its artifacts, and torch is never imported there; with
+    or without the `prepare` message first (what `score` sends before it loads the model)."""
     from anomaly_vae import scoring_runs as R
 
     d, _ = env.nights["2026-11-30"]
@@ -340,6 +368,8 @@ def test_the_child_process_logs_the_run_without_importing_torch(env, tmp_path):
                                 stdout=subprocess.PIPE, stderr=stderr,
                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
+        if prepare:
+            R.send(proc.stdin, {"prepare": {"tracking_uri": env.uri, "log_levels": R.log_levels()}})
         R.send(proc.stdin, run.spec())
         opened = R.receive(proc.stdout)
         assert "ok" in opened, opened

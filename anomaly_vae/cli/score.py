@@ -70,12 +70,18 @@ def score(ctx: click.Context, state: State, model: str, inputs: tuple[str, ...],
     from .. import batch, io
 
     pairs = io.expand_inputs_with_roots(inputs)
-    det, info = state.load_model(model)
-    _one_torch_thread_per_worker()
-    files = [f for f, _ in pairs]
-    run = None if no_mlflow else _scoring_run(
-        ctx, state, det, info, files, experiment,
-        {"output": output, "batch_size": batch_size, "keep": keep, "resume": resume, "keep_going": keep_going})
+    child = None if no_mlflow else _prepare_scoring_run(state)     # MLflow loads while the model does
+    run = None
+    try:
+        det, info = state.load_model(model)
+        _one_torch_thread_per_worker()
+        files = [f for f, _ in pairs]
+        run = None if no_mlflow else _scoring_run(
+            ctx, state, det, info, files, experiment, child,
+            {"output": output, "batch_size": batch_size, "keep": keep, "resume": resume, "keep_going": keep_going})
+    finally:
+        if run is None and child is not None:
+            child.close()
     hooks = {} if run is None else {"on_start": run.start, "on_batch": run.on_batch, "on_input": run.on_input}
     t0 = time.perf_counter()
     try:
@@ -118,21 +124,29 @@ def _one_torch_thread_per_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _scoring_run(ctx: click.Context, state: State, det, info: dict, files: list, experiment: str,
-                 params: dict):
-    """The MLflow run record of this invocation; it opens itself (store, experiment, run) in a
-    child process once the output lock is held, so MLflow never competes with scoring for the GIL."""
+def _prepare_scoring_run(state: State):
+    """The child process of this invocation's MLflow run, started before the model is loaded:
+    it imports MLflow and opens the store meanwhile (`scoring_runs.prepare_child`)."""
     import logging
 
-    from ..scoring_runs import ScoringRun
+    from ..scoring_runs import prepare_child
 
-    explicit = ctx.get_parameter_source("experiment") not in (click.core.ParameterSource.DEFAULT, None)
     for name in ("mlflow", "alembic"):        # as State.tracking() does, without importing MLflow here
         logging.getLogger(name).setLevel(logging.ERROR if state.quiet else logging.WARNING)
     if not state.progress:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return prepare_child(state.resolved_uri or state.tracking_uri)
+
+
+def _scoring_run(ctx: click.Context, state: State, det, info: dict, files: list, experiment: str, child,
+                 params: dict):
+    """The MLflow run record of this invocation; it opens itself (store, experiment, run) in
+    `child` once the output lock is held, so MLflow never competes with scoring for the GIL."""
+    from ..scoring_runs import ScoringRun
+
+    explicit = ctx.get_parameter_source("experiment") not in (click.core.ParameterSource.DEFAULT, None)
     return ScoringRun(det, info, experiment=experiment, explicit_experiment=explicit, inputs=files,
-                      params=params, tracking_uri=state.resolved_uri or state.tracking_uri)
+                      params=params, tracking_uri=state.resolved_uri or state.tracking_uri, child=child)
 
 
 # ------------------------------------------------------------------ sample / encode
