@@ -44,6 +44,10 @@ SCORE_FIELDS = (
     pa.field("explanation", EXPLANATION_TYPE),   # flagged rows: value + expected value per column
 )
 SCORE_COLUMNS = tuple(f.name for f in SCORE_FIELDS)
+# nearly all distinct values: no dictionary encoding (`io.write_stream`; with the ids, 1M wide rows
+# were written in 0.60 s instead of 0.97 s and took 45 MB instead of 54 MB)
+PLAIN_COLUMNS = ("anomaly_score", "recon_nll", "kl", "top_features", "explanation.list.element.contribution",
+                 "explanation.list.element.text")
 MANIFEST_FORMAT = "anomaly-vae-scores"
 OUTPUT_SUFFIX = ".scored.parquet"
 SUCCESS = "_SUCCESS"            # written last, when every input of a run is scored
@@ -264,7 +268,7 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
                 on_batch(batch, scored)
             yield scored
 
-    rows_out = write_stream(dst, out_schema, observed())
+    rows_out = write_stream(dst, out_schema, observed(), plain=[*det.schema_.ids, *PLAIN_COLUMNS])
     seconds = time.perf_counter() - t0
     if rows_out == 0:
         warnings.append(f"{src}: no rows; wrote an empty {io.basename(dst)}")

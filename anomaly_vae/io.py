@@ -673,18 +673,26 @@ def write_bytes(dst: str | os.PathLike, data: bytes) -> Location:
 
 
 def write_stream(dst: str | os.PathLike, schema: pa.Schema,
-                 batches: Iterable[pa.RecordBatch | pa.Table]) -> int:
+                 batches: Iterable[pa.RecordBatch | pa.Table], *, plain: Sequence[str] = ()) -> int:
     """Write batches to parquet at `dst` atomically (temporary name, then `publish`'s move).
-    Returns rows written.
+    Returns rows written. `plain`: columns (names, or leaf paths such as
+    ``explanation.list.element.text``) written without dictionary encoding, for values that are
+    nearly all distinct (keys, float scores, free text): the writer tries a dictionary on every
+    column first, which for those costs time and makes the file bigger.
 
     If anything fails (including the iterator that produces the batches), the temporary
     file is removed and `dst` is left as it was.
     """
     rows = 0
+    plain = tuple(plain)
+    dictionary: bool | list[str] = True
+    if plain:
+        dictionary = [p for p in parquet_leaf_paths(schema)
+                      if not any(p == c or p.startswith(c + ".") for c in plain)]
 
     def write(fs: pafs.FileSystem, tmp: str) -> None:
         nonlocal rows
-        writer = pq.ParquetWriter(tmp, schema, compression="snappy",
+        writer = pq.ParquetWriter(tmp, schema, compression="snappy", use_dictionary=dictionary,
                                   filesystem=None if isinstance(location(dst), Path) else fs)
         try:
             for batch in batches:
@@ -695,6 +703,15 @@ def write_stream(dst: str | os.PathLike, schema: pa.Schema,
 
     publish(dst, write)
     return rows
+
+
+def parquet_leaf_paths(schema: pa.Schema) -> list[str]:
+    """The parquet column paths of an Arrow schema ('a', 's.x', 'l.list.element.y', ...), as
+    the writer's per-column options name them (read off an empty file written in memory)."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), buf)
+    meta = pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema
+    return [meta.column(i).path for i in range(len(meta))]
 
 
 def write_frame(df: pd.DataFrame, dst: str | os.PathLike) -> int:

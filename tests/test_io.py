@@ -187,3 +187,28 @@ def test_ragged_csv_row_error_names_the_line_not_the_data(tmp_path):
             continue          # input_schema may only see the first block
         assert "4111111111111111" not in msg and "NL" not in msg
         assert msg == f"{path}: cannot read as CSV: CSV parse error: expected 3 columns, got 4 on line 5 (row text not shown)"
+
+
+def test_write_stream_plain_columns_skip_the_dictionary_and_round_trip(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    table = pa.table({
+        "id": [f"t{i:06d}" for i in range(n)],
+        "score": rng.normal(size=n),
+        "city": rng.choice(["a", "b", "c"], size=n),
+        "ex": pa.array([[{"text": f"row {i}", "kind": "numeric"}] for i in range(n)]),
+    })
+    assert io.parquet_leaf_paths(table.schema) == ["id", "score", "city", "ex.list.element.text",
+                                                   "ex.list.element.kind"]
+    dst = tmp_path / "out.parquet"
+    assert io.write_stream(dst, table.schema, table.to_batches(max_chunksize=1000),
+                           plain=["id", "score", "ex.list.element.text"]) == n
+    assert pq.read_table(dst).equals(table)
+    meta = pq.ParquetFile(dst).metadata.row_group(0)
+    dictionary = {meta.column(i).path_in_schema: meta.column(i).has_dictionary_page
+                  for i in range(meta.num_columns)}
+    assert dictionary == {"id": False, "score": False, "city": True, "ex.list.element.text": False,
+                          "ex.list.element.kind": True}
