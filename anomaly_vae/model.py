@@ -71,27 +71,51 @@ class ColumnLayout(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1)
+def _cpu_info() -> tuple[str, frozenset[str]]:
+    """(vendor_id, flags) of the first CPU in Linux /proc/cpuinfo; ('', {}) elsewhere."""
+    vendor, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    flags = frozenset(value.split())
+                    break
+    except OSError:
+        pass
+    return vendor, flags
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX, Linux /proc/cpuinfo).
     Without it, torch emulates bf16 matmuls: measured 7x slower than float32 on an AVX2 EPYC."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = _cpu_info()[1]
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_bf16_is_faster() -> bool:
+    """Whether bfloat16 scoring beats float32 on this CPU, by its features (a fixed rule, so
+    that "auto" always picks the same dtype on a machine): AMX (oneDNN's bf16 tiles), or
+    AVX512-BF16 on an AMD CPU. Measured (one thread, the wide benchmark model's scoring pass):
+    AMD EPYC with AVX512-BF16 2.1x faster than float32; an Intel Xeon (model 207) VM with
+    AVX512-BF16 but no AMX exposed 0.77x (oneDNN's avx512_core_bf16 matmul ran at 33 GMAC/s vs
+    56 for MKL's float32). AMX itself was not available to measure here."""
+    vendor, flags = _cpu_info()
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and vendor == "AuthenticAMD")
 
 
 def scoring_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The scoring MLPs' dtype for a precision setting: "float32", "bfloat16", or "auto" =
-    bfloat16 on a CPU with native bf16 (`cpu_has_native_bf16`) or a CUDA device that has it,
-    else float32."""
+    bfloat16 on a CPU where it is faster than float32 (`cpu_bf16_is_faster`) or a CUDA device
+    that has bf16, else float32."""
     if precision == "float32":
         return torch.float32
     if precision == "bfloat16":
         return torch.bfloat16
     if precision == "auto":
-        native = cpu_has_native_bf16() if device.type == "cpu" else (
+        native = cpu_bf16_is_faster() if device.type == "cpu" else (
             device.type == "cuda" and torch.cuda.is_bf16_supported())
         return torch.bfloat16 if native else torch.float32
     raise ConfigError(f"precision {precision!r}: expected 'float32', 'bfloat16' or 'auto'")

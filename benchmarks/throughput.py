@@ -17,8 +17,9 @@ timestamp, 10 numeric, 6 categoricals, 2 booleans). For each table, in one run:
      and for the first row count only:
        cli_1thread   the same with ``--threads 1`` (default: a scoring worker per CPU);
        cli_no_mlflow the same with ``--no-mlflow`` (the cost of the scoring run's tracking);
-       cli_float32 the same with ``--precision float32`` (the default ``auto`` is bfloat16 on a
-                  CPU with native BF16; see benchmarks/precision.py);
+       cli_float32 / cli_bfloat16  the same with the precision ``auto`` did not pick (``auto``
+                  is bfloat16 where that is faster, `model.cpu_bf16_is_faster`; see
+                  benchmarks/precision.py for its quality);
        in_memory  ``det.anomaly_score(table)`` on the whole table already in RAM (Arrow);
        stages     the same pipeline run sequentially with a timer per stage: read, encode,
                   network, NLL/KL, explanation, write;
@@ -268,11 +269,22 @@ def train(table: str, src: Path, model_dir: Path, train_rows: int) -> dict:
             "latent_dim": int(det.config_.latent_dim), "hidden": list(det.config_.hidden)}
 
 
+def auto_dtype() -> str:
+    """What precision "auto" runs the scoring network in on this CPU."""
+    import torch
+
+    from anomaly_vae.model import scoring_dtype
+
+    return str(scoring_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+
+
 def machine() -> dict:
     import pyarrow
     import torch
 
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    from anomaly_vae.model import _cpu_info
+
+    return {"cpu_vendor": _cpu_info()[0], "auto_precision": auto_dtype(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "pyarrow": pyarrow.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
@@ -310,7 +322,8 @@ def bench_table(table: str, args, work: Path) -> dict:
         if k == 0:
             run["cli_1thread"] = _cli(model, files[rows], work / "scored", "--threads", "1")
             run["cli_no_mlflow"] = _cli(model, files[rows], work / "scored", "--no-mlflow")
-            run["cli_float32"] = _cli(model, files[rows], work / "scored", "--precision", "float32")
+            other = "bfloat16" if auto_dtype() == "float32" else "float32"
+            run[f"cli_{other}"] = _cli(model, files[rows], work / "scored", "--precision", other)
             run["in_memory"] = _child("_in_memory", str(model), src)
             for key, precision in (("stages", "float32"), ("stages_bf16", "bfloat16")):
                 run[key] = _child("_stages", str(model), src, str(work / "stages.parquet"), str(args.batch_size),
@@ -321,7 +334,7 @@ def bench_table(table: str, args, work: Path) -> dict:
                                          json.dumps(features))
                 except RuntimeError as exc:
                     print(f"  pyod reference failed: {str(exc)[:300]}", flush=True)
-        for key in ("cli", "cli_1thread", "cli_no_mlflow", "cli_float32", "in_memory", "pyod"):
+        for key in ("cli", "cli_1thread", "cli_no_mlflow", "cli_float32", "cli_bfloat16", "in_memory", "pyod"):
             if key in run:
                 sec = run[key].get("seconds_in_ram", run[key]["seconds"])
                 run[key]["rows_per_s"] = rows / sec
@@ -385,8 +398,8 @@ def flat_rows(tables: list[dict]) -> list[dict]:
     for t in tables:
         for r in t["runs"]:
             floor = r["floor"]["rows_per_s"]
-            for key in ("floor", "cli_startup", "cli", "cli_1thread", "cli_no_mlflow", "cli_float32", "in_memory",
-                        "pyod"):
+            for key in ("floor", "cli_startup", "cli", "cli_1thread", "cli_no_mlflow", "cli_float32", "cli_bfloat16",
+                        "in_memory", "pyod"):
                 if key not in r:
                     continue
                 m = r[key]

@@ -138,8 +138,8 @@ def test_one_hot_scoring_path_equals_the_dense_one_and_falls_back():
 def test_compact_rows_score_like_dense_ones_and_bf16_weights_follow_the_parameters():
     """column_terms and kl_occlusion on `Encoded` rows (head + one-hot codes, as batch scoring
     passes them) give the dense rows' numbers; bfloat16 runs on cached bf16 weights that are re-made when
-    a parameter changes; "auto" picks bf16 exactly where the CPU has it natively."""
-    from anomaly_vae.model import cpu_has_native_bf16, scoring_dtype
+    a parameter changes; "auto" picks bf16 exactly where the CPU runs it faster than float32."""
+    from anomaly_vae.model import _cpu_info, cpu_bf16_is_faster, scoring_dtype
     from anomaly_vae.preprocess import Encoded
 
     torch.manual_seed(0)
@@ -171,7 +171,10 @@ def test_compact_rows_score_like_dense_ones_and_bf16_weights_follow_the_paramete
     soft[3:6] = [0.2, 0.5, 0.3]                  # not one-hot: the compact rows are made dense
     np.testing.assert_allclose(vae.kl_occlusion(enc, cols, soft), vae.kl_occlusion(X, cols, soft),
                                rtol=1e-5, atol=1e-6)
-    native = cpu_has_native_bf16()
+    native = cpu_bf16_is_faster()
+    vendor, flags = _cpu_info()
+    assert native == ("amx_bf16" in flags or ("avx512_bf16" in flags and vendor == "AuthenticAMD"))
+    assert vendor in open("/proc/cpuinfo").read() and flags
     assert scoring_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
     np.testing.assert_array_equal(vae.column_terms(enc, owner, 4, precision="auto")[0],
                                   vae.column_terms(enc, owner, 4, precision="bfloat16" if native else "float32")[0])

@@ -276,8 +276,8 @@ SHARED_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
                          help="Where the network runs for train and score: auto (CUDA when available), cpu, "
                               "cuda, cuda:N [default: auto].")),
     (("--precision",), dict(type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
-                            help="Scoring MLP precision: auto = bfloat16 where the CPU computes it natively "
-                                 "(AVX512-BF16/AMX), else float32 (see README: Speed) [default: the model's setting: "
+                            help="Scoring MLP precision: auto = bfloat16 where it is faster than float32 (AMX, or "
+                                 "AVX512-BF16 on AMD), else float32 (see README: Speed) [default: the model's setting: "
                                  "auto for new models; older model files say float32].")),
 )
 SHARED_NAMES = frozenset(decls[0].lstrip("-").replace("-", "_") for decls, _ in SHARED_OPTIONS)
