@@ -103,3 +103,18 @@ def test_scored_parquet_has_the_explanation_column(fitted, frame, odd_rows, tmp_
         assert got_long[name].tolist() == want_long[name].tolist()
     for name in ("contribution", "low", "high", "p"):    # batches of 4 rows: float32 noise only
         np.testing.assert_allclose(got_long[name].astype(float), want_long[name].astype(float), rtol=1e-4)
+
+
+def test_python_and_arrow_text_paths_agree(monkeypatch):
+    """Up to E.SMALL entries texts are joined in Python, above with Arrow kernels: same strings."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(0, 10.0 ** rng.integers(-3, 8, 400)), [0.125, 2.5, -0.004, -0.005, 999.995,
+                        -1234.5, 0.0, -0.0, 1e15, -3e17, np.nan, np.inf, -np.inf]])
+    dec = rng.integers(0, 4, len(x))
+    a = E.pa.array([f"v{i}" if i % 7 else None for i in range(len(x))])
+    small = (E._fmt(x, dec), E._fmt(x, 2), E._join([a, " = ", E._fmt(x, 0), ")"]))
+    monkeypatch.setattr(E, "SMALL", 0)
+    large = (E._fmt(x, dec), E._fmt(x, 2), E._join([a, " = ", E._fmt(x, 0), ")"]))
+    for s, big in zip(small, large):
+        assert s.to_pylist() == big.to_pylist()
+    assert small[2][0].as_py() is None and small[2][1].as_py().startswith("v1 = ")
