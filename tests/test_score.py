@@ -36,3 +36,23 @@ def test_top_features_orders_and_drops_non_positive():
     contrib = np.array([[0.5, 3.0, -1.0], [-1.0, -2.0, -3.0]])
     assert S.top_features(contrib, ["a", "b", "c"], k=3).tolist() == ["b:+3.00;a:+0.50", ""]
     assert S.top_features(np.array([[12.346, 0.004, 7.0]]), ["a", "b", "c"], k=2).tolist() == ["a:+12.35;c:+7.00"]
+
+
+def test_top_features_table_and_formatted_entries_agree(monkeypatch):
+    """Entries inside the precomputed 'name:+x.xx' table and those beyond it (formatted per
+    call) give the same text as formatting each entry on its own."""
+    rng = np.random.default_rng(0)
+    contrib = rng.normal(0, 30, (2000, 7)).astype(np.float32)
+    contrib[0, 0], contrib[1, 3] = 1e6, 99.995
+    names = [f"col_{i}" for i in range(7)]
+    monkeypatch.setattr(S, "TABLE_ENTRIES", 7 * 2000)          # values up to 19.99 from the table
+    S._entry_table.cache_clear()
+    try:
+        got = S.top_features(contrib, names, 3).tolist()
+    finally:
+        S._entry_table.cache_clear()
+    idx, vals = S.top_columns(contrib, 3)
+    want = [";".join(f"{names[i]}:+{S._fmt2(np.array([v]))[0].as_py()}" for i, v in zip(r, w) if v > 0)
+            for r, w in zip(idx, vals)]
+    assert got == want
+    assert got[0].startswith("col_0:+1000000.00;") and (np.abs(vals) > 20).any() and (vals[vals > 0] < 20).any()
