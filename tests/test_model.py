@@ -104,21 +104,31 @@ def test_score_terms_returns_the_decoder_params_of_the_same_pass():
         np.testing.assert_allclose(got, w.numpy(), rtol=1e-5, atol=1e-6)
 
 
+TINY_OWNER = np.array([0, 1, 1, 2, 2, 2, 3, 3, 3])    # 2 numeric dims, 1 indicator, 2 one-hot blocks of 3
+
+
+def _tiny_vae_and_rows(n: int, seed: int):
+    """A small eval-mode VAE over 9 dims (TINY_OWNER's columns) and n rows for it, compact
+    (`Encoded`: numeric + indicator head, one index per one-hot block)."""
+    from anomaly_vae.preprocess import Encoded
+
+    torch.manual_seed(0)
+    vae = VAE(9, np.array([0, 1]), np.array([2]), [(3, 6), (6, 9)], np.array([-1, 2]),
+              hidden=(16, 8), latent_dim=3).eval()
+    rng = np.random.default_rng(seed)
+    head = np.zeros((n, 3), dtype=np.float32)
+    head[:, :2] = rng.normal(size=(n, 2))
+    head[:, 2] = rng.random(n) < 0.2
+    codes = np.stack([3 + rng.integers(0, 3, n), 6 + rng.integers(0, 3, n)], 1)
+    return vae, Encoded(head, codes, 9)
+
+
 def test_one_hot_scoring_path_equals_the_dense_one_and_falls_back():
     """column_terms reads each one-hot block as an index (embedding lookup + transposed output
     layer); the numbers must be those of the dense product, and inputs that are not one-hot
     (occluded or soft blocks) take the dense path."""
-    torch.manual_seed(0)
-    vae = VAE(9, np.array([0, 1]), np.array([2]), [(3, 6), (6, 9)], np.array([-1, 2]),
-              hidden=(16, 8), latent_dim=3).eval()
-    rng = np.random.default_rng(0)
-    n = 300
-    X = np.zeros((n, 9), dtype=np.float32)
-    X[:, :2] = rng.normal(size=(n, 2))
-    X[:, 2] = rng.random(n) < 0.2
-    X[np.arange(n), 3 + rng.integers(0, 3, n)] = 1.0
-    X[np.arange(n), 6 + rng.integers(0, 3, n)] = 1.0
-    owner = np.array([0, 1, 1, 2, 2, 2, 3, 3, 3])
+    vae, enc = _tiny_vae_and_rows(300, seed=0)
+    X, owner = enc.dense(), TINY_OWNER
     assert vae._one_hot_codes(torch.from_numpy(X)) is not None
     sparse = vae.column_terms(X, owner, 4)
     vae._one_hot_tail = False
@@ -140,19 +150,9 @@ def test_compact_rows_score_like_dense_ones_and_bf16_weights_follow_the_paramete
     passes them) give the dense rows' numbers; bfloat16 runs on cached bf16 weights that are re-made when
     a parameter changes; "auto" picks bf16 exactly where the CPU runs it faster than float32."""
     from anomaly_vae.model import _cpu_info, cpu_bf16_is_faster, scoring_dtype
-    from anomaly_vae.preprocess import Encoded
 
-    torch.manual_seed(0)
-    vae = VAE(9, np.array([0, 1]), np.array([2]), [(3, 6), (6, 9)], np.array([-1, 2]),
-              hidden=(16, 8), latent_dim=3).eval()
-    rng = np.random.default_rng(1)
-    n = 500
-    head = np.zeros((n, 3), dtype=np.float32)
-    head[:, :2] = rng.normal(size=(n, 2))
-    head[:, 2] = rng.random(n) < 0.2
-    codes = np.stack([3 + rng.integers(0, 3, n), 6 + rng.integers(0, 3, n)], 1)
-    enc = Encoded(head, codes, 9)
-    X, owner = enc.dense(), np.array([0, 1, 1, 2, 2, 2, 3, 3, 3])
+    vae, enc = _tiny_vae_and_rows(500, seed=1)
+    X, owner = enc.dense(), TINY_OWNER
     for got, want in zip(vae.column_terms(enc, owner, 4, batch_size=128), _dense_terms(vae, X, owner)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     bf = vae.column_terms(enc, owner, 4, precision="bfloat16")
