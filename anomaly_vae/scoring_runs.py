@@ -10,10 +10,11 @@ started with ``python -m``: no torch, its own GIL), so importing MLflow, opening
 rendering the plots never slow the scoring down; the scoring process only gathers the
 statistics. `score` starts that child before it loads the model (`prepare_child`: MLflow is
 imported and the store opened on the CPU the loading leaves idle, about 3 s) and `start` sends
-it the run to open; without a prepared child, `start` starts one. `finish` / `fail` send the results and wait for the child to have ended the run
-(at most END_TIMEOUT seconds). If the scoring process dies (SIGKILL, OOM killer) the child
-reads end-of-file instead of the results and ends the run FAILED (ABANDONED). With
-``background=False`` the same `RunWriter` runs in-process (e.g. for tests of timing).
+it the run to open; without a prepared child, `start` starts one. `finish` / `fail` send the
+results and wait for the child to have ended the run (at most END_TIMEOUT seconds). If the
+scoring process dies (SIGKILL, OOM killer) the child reads end-of-file instead of the results
+and ends the run FAILED (ABANDONED). With ``background=False`` the same `RunWriter` runs
+in-process (e.g. for tests of timing).
 
 The run goes to the experiment of the model's training run (from the registered version or
 the run of a runs:/ or models:/<model_id> URI), else to the named experiment; tag
