@@ -79,12 +79,11 @@ def top_features(contrib: np.ndarray, names: Sequence[str], k: int = 3) -> pd.Se
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(keep.sum(1), out=offsets[1:])
     cols, cents = idx[keep].astype(np.int64), _cents(vals[keep])
-    table, m = _entry_table(tuple(names))
+    table, m, prefix = _entry_table(tuple(names))
     inside = cents < m
     if inside.all():
         text = table.take(pa.array(cols * m + cents))
     else:                               # rare: contributions beyond the table, formatted here
-        prefix = pa.array([f"{x}:+" for x in names], type=pa.string())
         parts = [table.take(pa.array(cols[inside] * m + cents[inside])),
                  pc.binary_join_element_wise(prefix.take(pa.array(cols[~inside])), _cents_text(cents[~inside]), "")]
         order = np.concatenate([np.flatnonzero(inside), np.flatnonzero(~inside)])
@@ -99,16 +98,16 @@ TABLE_ENTRIES = 1 << 18     # size of `_entry_table` (about 5 MB for 20 columns)
 
 
 @functools.lru_cache(maxsize=8)
-def _entry_table(names: tuple[str, ...]) -> tuple[pa.Array, int]:
-    """('name:+x.xx' for every column and every value 0.00 .. (m - 1) / 100, column-major; m):
-    m = TABLE_ENTRIES / columns, between 100 and 10,000 (up to 99.99 nats). Made once per
-    column set, so that top_features is one `take` per batch."""
+def _entry_table(names: tuple[str, ...]) -> tuple[pa.Array, int, pa.Array]:
+    """('name:+x.xx' for every column and every value 0.00 .. (m - 1) / 100, column-major; m;
+    the 'name:+' prefixes): m = TABLE_ENTRIES / columns, between 100 and 10,000 (up to 99.99
+    nats). Made once per column set, so that top_features is one `take` per batch."""
     c = len(names)
     m = int(np.clip(TABLE_ENTRIES // max(c, 1), 100, 10_000))
     prefix = pa.array([f"{x}:+" for x in names], type=pa.string())
     values = _cents_text(np.arange(m, dtype=np.int64))
     return pc.binary_join_element_wise(prefix.take(pa.array(np.repeat(np.arange(c), m))),
-                                       values.take(pa.array(np.tile(np.arange(m), c))), ""), m
+                                       values.take(pa.array(np.tile(np.arange(m), c))), ""), m, prefix
 
 
 def _cents(values: np.ndarray) -> np.ndarray:
@@ -121,11 +120,6 @@ def _cents_text(cents: np.ndarray) -> pa.Array:
     whole = pa.array(cents // 100).cast(pa.string())
     frac = pc.utf8_lpad(pa.array(cents % 100).cast(pa.string()), 2, padding="0")
     return pc.binary_join_element_wise(whole, frac, ".")
-
-
-def _fmt2(values: np.ndarray) -> pa.Array:
-    """Floats -> strings with exactly two decimals ('3.00'), vectorised."""
-    return _cents_text(_cents(values))
 
 
 def calibrate_threshold(calibration_scores: np.ndarray, target_fpr: float) -> float:

@@ -52,7 +52,7 @@ def test_top_features_table_and_formatted_entries_agree(monkeypatch):
     finally:
         S._entry_table.cache_clear()
     idx, vals = S.top_columns(contrib, 3)
-    want = [";".join(f"{names[i]}:+{S._fmt2(np.array([v]))[0].as_py()}" for i, v in zip(r, w) if v > 0)
+    want = [";".join(f"{names[i]}:+{S._cents_text(S._cents(np.array([v])))[0].as_py()}" for i, v in zip(r, w) if v > 0)
             for r, w in zip(idx, vals)]
     assert got == want
     assert got[0].startswith("col_0:+1000000.00;") and (np.abs(vals) > 20).any() and (vals[vals > 0] < 20).any()
