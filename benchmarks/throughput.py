@@ -94,7 +94,7 @@ def child_stages(model: str, src: str, dst: str, batch_size: str, precision: str
     from anomaly_vae import VAEAnomalyDetector
     from anomaly_vae.batch import ENCODE_ROWS, _encode_batch, _output_batch, merge_terms, output_schema
     from anomaly_vae.io import iter_batches
-    from anomaly_vae.model import SCORE_BLOCK, scoring_dtype
+    from anomaly_vae.model import scoring_dtype
 
     torch.set_num_threads(1)
     t = {k: 0.0 for k in ("import_load", "read", "encode", "network", "nll_kl", "explanation", "write")}
@@ -104,6 +104,7 @@ def child_stages(model: str, src: str, dst: str, batch_size: str, precision: str
     features = [c.name for c in det.schema_.features]
     ids = [c for c in det.schema_.ids if c in pq.read_schema(src).names]
     vae, dtype = det.vae_.eval(), scoring_dtype(precision, torch.device("cpu"))
+    block = vae.score_block(dtype)
     schema = output_schema(pq.read_schema(src), ids)
     writer = pq.ParquetWriter(dst, schema, compression="snappy")
     rows = 0
@@ -121,9 +122,9 @@ def child_stages(model: str, src: str, dst: str, batch_size: str, precision: str
             enc = _encode_batch(det, batch.slice(off, ENCODE_ROWS))
             b = clock()
             with torch.inference_mode():
-                for i in range(0, len(enc), SCORE_BLOCK):      # the blocks column_terms uses
-                    vae._forward_t(torch.from_numpy(enc.head[i:i + SCORE_BLOCK]),
-                                   torch.from_numpy(enc.codes[i:i + SCORE_BLOCK]), None, dtype)
+                for i in range(0, len(enc), block):            # the blocks column_terms uses
+                    vae._forward_t(torch.from_numpy(enc.head[i:i + block]),
+                                   torch.from_numpy(enc.codes[i:i + block]), None, dtype)
             c = clock()
             part = det._terms_from_X(enc, attribute=False)
             d = clock()

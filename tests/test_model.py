@@ -186,3 +186,14 @@ def _dense_terms(vae, X, owner):
         return vae.column_terms(X, owner, int(owner.max()) + 1)
     finally:
         vae._one_hot_tail = True
+
+
+def test_score_block_keeps_the_widest_activations_near_two_mib():
+    wide = VAE(166, np.arange(20), np.array([20]), [(25, 166)], np.full(20, -1), hidden=(256, 128), latent_dim=16)
+    small = VAE(9, np.array([0, 1]), np.array([2]), [(3, 6), (6, 9)], np.array([-1, 2]), hidden=(72, 36), latent_dim=3)
+    assert wide.score_block(torch.float32) == 2048 and wide.score_block(torch.bfloat16) == 4096
+    assert small.score_block(torch.float32) == small.score_block(torch.bfloat16) == 4096
+    vae, enc = _tiny_vae_and_rows(3000, seed=2)
+    default = vae.column_terms(enc, TINY_OWNER, 4)
+    for got, want in zip(vae.column_terms(enc, TINY_OWNER, 4, batch_size=700), default):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
