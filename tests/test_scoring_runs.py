@@ -316,7 +316,14 @@ def _alive(pid: int) -> bool:
 
 
 def _children(pid: int) -> list[int]:
-    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    """Child processes of `pid` (Linux /proc; a thread that ends while they are read is skipped)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            pass
+    return out
 
 
 def test_sigkill_of_score_ends_its_run_failed_and_the_child_exits(env, tmp_path):
