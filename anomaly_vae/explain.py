@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .preprocess import NULL, UNK, Preprocessor, _inverse_transform
-from .score import top_columns
+from .score import in_order, top_columns
 
 Z95 = 1.6448536269514722          # standard-normal 95% quantile: central 5-95% interval
 # Up to this many entries per call, numbers and texts are joined in Python (a batch's flagged
@@ -105,12 +105,8 @@ def explanations(entries: Entries, params: Sequence[np.ndarray], pre: Preprocess
         parts.append(_column_entries(span, pre.params[span.column], layout,
                                      [p[sel] for p in params], entries.contribution[sel], raw))
         order.append(sel)
-    if parts:
-        struct = pa.concat_arrays(parts)
-        # parts are grouped by column; put the entries back in row-major order
-        inverse = np.empty(len(entries.row), dtype=np.int64)
-        inverse[np.concatenate(order)] = np.arange(len(entries.row))
-        struct = struct.take(pa.array(inverse))
+    if parts:               # parts are grouped by column; put the entries back in row-major order
+        struct = in_order(parts, order)
     else:
         struct = pa.array([], type=ENTRY_TYPE)
     return pa.ListArray.from_arrays(pa.array(entries.offsets), struct, type=EXPLANATION_TYPE)
@@ -252,11 +248,8 @@ def _fmt(x: np.ndarray, decimals) -> pa.Array:
     kinds = np.unique(dec)
     if len(kinds) <= 1:
         return _fmt_fixed(x, int(kinds[0]) if len(kinds) else 0)
-    order = np.argsort(dec, kind="stable")       # each number formatted once, with its decimals
-    parts = [_fmt_fixed(x[order][dec[order] == d], int(d)) for d in kinds]
-    inverse = np.empty(len(x), dtype=np.int64)
-    inverse[order] = np.arange(len(x))
-    return pa.concat_arrays(parts).take(pa.array(inverse))
+    at = [np.flatnonzero(dec == d) for d in kinds]        # each number formatted once, with its decimals
+    return in_order([_fmt_fixed(x[i], int(d)) for i, d in zip(at, kinds)], at)
 
 
 def _fmt_fixed(x: np.ndarray, d: int) -> pa.Array:

@@ -84,14 +84,21 @@ def top_features(contrib: np.ndarray, names: Sequence[str], k: int = 3) -> pd.Se
     if inside.all():
         text = table.take(pa.array(cols * m + cents))
     else:                               # rare: contributions beyond the table, formatted here
-        parts = [table.take(pa.array(cols[inside] * m + cents[inside])),
-                 pc.binary_join_element_wise(prefix.take(pa.array(cols[~inside])), _cents_text(cents[~inside]), "")]
-        order = np.concatenate([np.flatnonzero(inside), np.flatnonzero(~inside)])
-        inverse = np.empty(len(order), dtype=np.int64)
-        inverse[order] = np.arange(len(order))
-        text = pa.concat_arrays(parts).take(pa.array(inverse))
+        text = in_order([table.take(pa.array(cols[inside] * m + cents[inside])),
+                         pc.binary_join_element_wise(prefix.take(pa.array(cols[~inside])),
+                                                     _cents_text(cents[~inside]), "")],
+                        [np.flatnonzero(inside), np.flatnonzero(~inside)])
     joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), text), ";")
     return pd.Series(pd.arrays.ArrowStringArray(joined))    # Arrow-backed: no per-row Python strings
+
+
+def in_order(parts: Sequence[pa.Array], positions: Sequence[np.ndarray]) -> pa.Array:
+    """Arrays made for disjoint sets of positions (parts[i] holds positions[i], in that order),
+    as one array in position order."""
+    order = np.concatenate(positions)
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.arange(len(order))
+    return pa.concat_arrays(parts).take(pa.array(inverse))
 
 
 TABLE_ENTRIES = 1 << 18     # size of `_entry_table` (about 5 MB for 20 columns)
