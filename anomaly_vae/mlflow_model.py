@@ -22,9 +22,9 @@ class AnomalyVAEPyfunc(mlflow.pyfunc.PythonModel):
     """predict(rows) -> pass-through id columns present in the input + the detector's explain table."""
 
     def load_context(self, context: Any) -> None:
-        from anomaly_vae.detector import VAEAnomalyDetector
+        from anomaly_vae.fitted import FittedDetector
 
-        self.detector = VAEAnomalyDetector.load(context.artifacts[MODEL_DIR_ARTIFACT])
+        self.detector = FittedDetector.load(context.artifacts[MODEL_DIR_ARTIFACT])
 
     # pd.DataFrame is a hint MLflow accepts without deriving a schema from it; the logged
     # signature (columns of the training data) is the contract.

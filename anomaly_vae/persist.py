@@ -146,8 +146,7 @@ def save_model(det: Any, path: str | os.PathLike) -> str:
 
     Signs the manifest when a signing key is configured. Returns `path`.
     """
-    from sklearn.utils.validation import check_is_fitted
-    check_is_fitted(det, "vae_")
+    det._check_fitted()
     path = _own_path(Path(path))
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "manifest.json").exists())):
         raise ModelFormatError(f"{path}: exists and is not an anomaly-vae model directory; "

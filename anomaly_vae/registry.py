@@ -208,8 +208,9 @@ def _download(uri: str, dst: str) -> str:
         raise ModelNotFoundError(f"{uri}: cannot download ({exc})") from exc
 
 
-def load_detector(model: str | os.PathLike) -> tuple["VAEAnomalyDetector", dict]:
+def load_detector(model: str | os.PathLike, cls: type | None = None) -> tuple["VAEAnomalyDetector", dict]:
     """Load a detector from a local model dir or an MLflow URI; returns (detector, info).
+    `cls`: VAEAnomalyDetector (default), or `fitted.FittedDetector` to score without sklearn.
 
     info = {"uri", "name", "version", "run_id"} (None where not applicable). For URIs only the
     pyfunc's MLmodel file and its native "model_dir" artifact (JSON + safetensors, hash-checked)
@@ -217,16 +218,17 @@ def load_detector(model: str | os.PathLike) -> tuple["VAEAnomalyDetector", dict]
     """
     from mlflow.models import Model
 
-    from .detector import VAEAnomalyDetector
     from .persist import model_exists
 
+    if cls is None:
+        from .detector import VAEAnomalyDetector as cls
     text = os.fspath(model)
     if not re.match(r"^[a-z][a-z0-9+.-]*:/", text) or text.startswith("file:"):
         path = Path(text[len("file://"):] if text.startswith("file://") else text)
         if not path.exists() and not model_exists(path):
             raise ModelNotFoundError(f"{text}: no such model directory (or use runs:/<run_id>/model, "
                                      "models:/<name>/<version>, models:/<name>@<alias>)")
-        det = VAEAnomalyDetector.load(path)
+        det = cls.load(path)
         return det, {"uri": str(path), "name": None, "version": None, "run_id": None}
     info = resolve_model_uri(text)
     source = info.pop("source")
@@ -239,5 +241,5 @@ def load_detector(model: str | os.PathLike) -> tuple["VAEAnomalyDetector", dict]
                                      f"'{MODEL_DIR_ARTIFACT}' artifact)")
         rel = art["path"] if isinstance(art, dict) else str(art)
         local = _download(f"{source}/{rel}", os.path.join(tmp, "model"))
-        det = VAEAnomalyDetector.load(local)
+        det = cls.load(local)
     return det, info

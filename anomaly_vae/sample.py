@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from .preprocess import Preprocessor, _inverse_transform
 from .schema import Schema
@@ -49,6 +48,8 @@ def match_quantiles(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
 
     Ties (rare in continuous draws) share their mean rank; non-finite values stay as they are.
     """
+    from scipy.stats import rankdata     # here: importing scipy.stats takes ~1 s, and scoring never samples
+
     out = np.array(values, dtype=np.float64, copy=True)
     ok = np.isfinite(out)
     if ok.sum() == 0:

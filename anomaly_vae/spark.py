@@ -58,14 +58,14 @@ def _model_files(det: "VAEAnomalyDetector") -> dict[str, bytes]:
 @functools.lru_cache(maxsize=4)
 def _detector_from_files(key: str, files: tuple[tuple[str, bytes], ...]) -> "VAEAnomalyDetector":
     """Rebuild the detector in a Python worker (once per worker process and model)."""
-    from anomaly_vae.detector import VAEAnomalyDetector
+    from anomaly_vae.fitted import FittedDetector
 
     with tempfile.TemporaryDirectory(prefix=f"anomaly-vae-{key[:8]}-") as tmp:
         for rel, data in files:
             dst = Path(tmp) / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(data)
-        return VAEAnomalyDetector.load(tmp)
+        return FittedDetector.load(tmp)
 
 
 def score_dataframe(df: "DataFrame", det: "VAEAnomalyDetector", *, keep: str = "ids",
@@ -139,9 +139,10 @@ def score_dataset(spark: "SparkSession", model: str | os.PathLike, source: str, 
     Spark's commit protocol leaves no `_SUCCESS` and no committed output. Returns
     {"rows", "flagged", "output"}.
     """
+    from anomaly_vae.fitted import FittedDetector
     from anomaly_vae.registry import load_detector
 
-    det, info = load_detector(model)
+    det, info = load_detector(model, FittedDetector)
     try:
         df = spark.read.parquet(source)
     except Exception as exc:  # noqa: BLE001 - AnalysisException: path does not exist, not parquet

@@ -258,14 +258,14 @@ def test_bfloat16_precision_is_deterministic_and_close(frame, fitted):
 
 
 def test_bfloat16_warns_once_where_the_cpu_has_no_native_bf16(frame, fitted, caplog):
-    import anomaly_vae.detector as D
+    import anomaly_vae.fitted as D
     from anomaly_vae.model import cpu_has_native_bf16
 
     flags = open("/proc/cpuinfo").read()
     assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
     D._warned_bf16.clear()
     bf = clone_fitted(fitted, precision="bfloat16")
-    with caplog.at_level("WARNING", logger="anomaly_vae.detector"):
+    with caplog.at_level("WARNING", logger="anomaly_vae.fitted"):
         bf.anomaly_score(frame.head(50))
         bf.anomaly_score(frame.head(50))
     warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]

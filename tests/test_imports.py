@@ -69,3 +69,29 @@ def test_only_tracking_modules_import_mlflow():
     offenders = {_module_name(f) for f in PKG.rglob("*.py")
                  if any(n.split(".")[0] == "mlflow" for n in _imports(f))} - MLFLOW_MODULES
     assert not offenders, offenders
+
+
+def test_scoring_a_saved_model_imports_neither_sklearn_nor_scipy(fitted, frame, tmp_path):
+    """`anomaly-vae score` loads a FittedDetector: importing sklearn (which imports scipy.stats)
+    cost more than 1 s per invocation. The same scores as the estimator's, in a fresh interpreter
+    running the real CLI's streaming path."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    model = fitted.save(tmp_path / "model")
+    frame.head(300).to_parquet(tmp_path / "rows.parquet")
+    code = (
+        "import sys\n"
+        "from anomaly_vae.fitted import FittedDetector\n"
+        "from anomaly_vae import batch\n"
+        f"det = FittedDetector.load({str(model)!r})\n"
+        f"batch.score_files(det, [{str(tmp_path / 'rows.parquet')!r}], {str(tmp_path / 'out')!r})\n"
+        "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    scored = pq.read_table(tmp_path / "out" / "rows.scored.parquet")["anomaly_score"].to_numpy()
+    np.testing.assert_array_equal(scored, fitted.anomaly_score(frame.head(300)))

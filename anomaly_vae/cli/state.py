@@ -223,14 +223,15 @@ class State:
         torch.set_num_threads(self.threads or SCORING_THREADS)
 
     def load_model(self, model: str) -> tuple[Any, dict[str, Any]]:
-        """A local model directory (no MLflow needed) or a models:/ or runs:/ URI."""
-        from ..detector import VAEAnomalyDetector
+        """A local model directory (no MLflow needed) or a models:/ or runs:/ URI, loaded as a
+        `FittedDetector` (scoring only, so no sklearn import)."""
+        from ..fitted import FittedDetector
         from ..persist import model_exists
 
         self.set_threads()
         path = Path(model)
         if path.is_dir() or model_exists(path):
-            det = VAEAnomalyDetector.load(path)
+            det = FittedDetector.load(path)
             # absolute, but not resolved: a model path is a link to its current version directory
             return self.runtime(det), {"uri": os.path.abspath(path), "name": None, "version": None,
                                        "run_id": None}
@@ -238,7 +239,7 @@ class State:
             raise ModelNotFoundError(f"{model}: no such model directory (and not a models:/NAME@alias, "
                                      "models:/NAME/VERSION or runs:/ID/model URI)")
         with self.muted():
-            det, info = self.tracking().load_detector(model)
+            det, info = self.tracking().load_detector(model, FittedDetector)
         return self.runtime(det), info
 
     def runtime(self, det: Any) -> Any:
