@@ -123,3 +123,14 @@ def test_no_rows_no_statistics(fitted):
     mon = _monitor(fitted)
     assert mon.metrics() == {"rows": 0.0, "flagged": 0.0, "flag_rate": 0.0}
     assert mon.drift_table().empty and mon.top_rows().empty and mon.quantiles() == {}
+
+
+def test_bin_counts_match_searchsorted_bins():
+    from anomaly_vae.monitor import _bin_counts
+
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(size=5000), [0.0, 1.0, 1.0, -2.5]])   # ties at edges too
+    for edges in (np.array([-2.5, -1.0, 0.0, 1.0, 2.0]), np.array([0.0]), np.array([])):
+        want = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+        np.testing.assert_array_equal(_bin_counts(values, edges), want)
+        assert _bin_counts(values[:0], edges).tolist() == [0] * (len(edges) + 1)
