@@ -232,6 +232,12 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
                           and pa.types.is_null(in_schema.field(c.name).type)})
         in_schema = pa.schema([pa.field(f.name, csv_types.get(f.name, f.type)) for f in in_schema])
     out_schema = output_schema(in_schema, passthrough)
+    # string categoricals as dictionaries: ~10% faster to read and encode (categories are
+    # looked up once per batch, not once per row)
+    as_dictionary = [c.name for c in det.schema_.features if c.kind == "categorical"
+                     and c.name in in_schema.names and c.name not in passthrough
+                     and (pa.types.is_string(in_schema.field(c.name).type)
+                          or pa.types.is_large_string(in_schema.field(c.name).type))]
     counts = {"rows": 0, "flagged": 0}
     nulls = dict.fromkeys(features, 0)
 
@@ -241,7 +247,8 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
     # caller's thread)
     def read() -> Iterator[tuple[int, pa.RecordBatch]]:
         start = 0
-        for batch in iter_batches(src, batch_size, columns=read_cols, column_types=csv_types):
+        for batch in iter_batches(src, batch_size, columns=read_cols, column_types=csv_types,
+                                  dictionary=as_dictionary):
             if batch.num_rows:
                 yield start, batch
                 start += batch.num_rows

@@ -475,12 +475,15 @@ def count_rows(path: str | os.PathLike) -> int | None:
 
 def iter_batches(path: str | os.PathLike, batch_size: int = 65536,
                  columns: Sequence[str] | None = None,
-                 column_types: dict[str, pa.DataType] | None = None) -> Iterator[pa.RecordBatch]:
+                 column_types: dict[str, pa.DataType] | None = None,
+                 dictionary: Sequence[str] = ()) -> Iterator[pa.RecordBatch]:
     """Stream a parquet or CSV file as record batches of at most `batch_size` rows.
 
     Only `columns` are read when given. `column_types` fixes CSV column types (otherwise
-    inferred from the first block). Read errors (corrupt file, bad CSV value) raise
-    DataError naming the file (and the column, for CSV conversion errors).
+    inferred from the first block). Parquet columns named in `dictionary` are read as
+    dictionary arrays (parquet's own dictionary pages: no string per row; for categoricals).
+    Read errors (corrupt file, bad CSV value) raise DataError naming the file (and the
+    column, for CSV conversion errors).
     """
     path = location(path)
     if batch_size < 1:
@@ -497,7 +500,8 @@ def iter_batches(path: str | os.PathLike, batch_size: int = 65536,
             # One row group at a time (local files without pre-buffering): the reader's read-ahead
             # of a whole file's column chunks was most of the peak memory (10M rows: 873 -> ~260 MB).
             src, kw = _source(path)
-            with pq.ParquetFile(src, **kw, pre_buffer=bool(kw)) as pf:
+            with pq.ParquetFile(src, **kw, pre_buffer=bool(kw),
+                                read_dictionary=list(dictionary) or None) as pf:
                 cols = list(columns) if columns is not None else None
                 for rg in range(pf.metadata.num_row_groups):
                     yield from pf.iter_batches(batch_size=batch_size, row_groups=[rg], columns=cols)

@@ -138,8 +138,6 @@ class ScoringMonitor:
             acc.missing += int(len(v) - len(finite))
             acc.counts += _bin_counts(finite, acc.edges)
             return
-        if pa.types.is_dictionary(arr.type):
-            arr = arr.dictionary_decode()
         nulls = arr.null_count
         if nulls:
             acc.values[NULL] = acc.values.get(NULL, 0) + nulls

@@ -400,3 +400,34 @@ def test_score_files_hooks_see_every_batch_once_in_order(tmp_path, fitted, score
         with pytest.raises(LockedError):
             batch.score_files(fitted, inputs, tmp_path / "out", **hooks)
     assert events == []
+
+
+def test_string_categoricals_are_read_as_dictionaries_with_the_same_scores(tmp_path, fitted, scored_rows):
+    """score_file reads the model's string categoricals as dictionary arrays; the output and the
+    run statistics are those of plain string batches, byte for byte."""
+    from anomaly_vae.monitor import ScoringMonitor
+
+    src = tmp_path / "rows.parquet"
+    rows = scored_rows.copy()
+    rows.loc[rows.index[::17], "cat"] = None                 # nulls in a dictionary column too
+    rows.to_parquet(src, index=False)
+    cats = [c.name for c in fitted.schema_.features if c.kind == "categorical"]
+    assert cats and pa.types.is_large_string(pq.read_schema(src).field(cats[0]).type)
+    first = next(io.iter_batches(src, 64, dictionary=cats))
+    assert all(pa.types.is_dictionary(first.schema.field(c).type) for c in cats)
+
+    def monitor():
+        return ScoringMonitor(fitted.reference_, fitted.calibration_scores_, fitted.schema_,
+                              fitted.threshold_, passthrough=["row_id"])
+    streamed, plain = monitor(), monitor()
+    batch.score_file(fitted, src, tmp_path / "out.parquet", batch_size=200,
+                     on_batch=lambda b, s: streamed.update(b, s, "rows"))
+    out = pq.read_table(tmp_path / "out.parquet")
+    expected = []
+    for b in pq.read_table(src).to_batches(max_chunksize=200):
+        scored = batch.score_batch(fitted, b, ["row_id"])
+        plain.update(b, scored, "rows")
+        expected.append(scored)
+    assert out.equals(pa.Table.from_batches(expected).cast(out.schema))
+    assert {k: v.values for k, v in streamed.features.items() if v.kind == "categorical"} == \
+        {k: v.values for k, v in plain.features.items() if v.kind == "categorical"}
