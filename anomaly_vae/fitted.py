@@ -1,9 +1,10 @@
 """FittedDetector: the scoring side of a fitted detector (score, explain, plots, save/load).
 
-It imports no scikit-learn: loading a model to score it (`anomaly-vae score`, serving, Spark
-workers) does not pay for sklearn's import (about 0.8 s, most of it scipy.stats). The
-estimator, `detector.VAEAnomalyDetector`, is a FittedDetector with sklearn's base classes and
-`fit` on top; `FittedDetector.load` gives the same scores without them.
+It imports no scikit-learn (nor scipy): loading a model to score it (`anomaly-vae score`,
+serving, Spark workers) does not pay for their imports, about 1.4 s of a 1,000-row `score`
+on a 2-core machine (2.2-2.6 s instead of 3.3-4.4 s). The estimator,
+`detector.VAEAnomalyDetector`, is a FittedDetector with sklearn's base classes and `fit` on
+top; `FittedDetector.load` gives the same scores without them.
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ class FittedDetector:
         for k, v in params.items():
             setattr(self, k, v)
 
+    def __repr__(self) -> str:
+        if not hasattr(self, "vae_"):
+            return f"{type(self).__name__}()"
+        return (f"{type(self).__name__}(features={self.n_features_in_}, threshold={self.threshold_:.4g}, "
+                f"precision={self.precision!r}, device={self.device!r})")
+
     def set_params(self, **params: Any) -> "FittedDetector":
         for k, v in params.items():
             setattr(self, k, v)
@@ -63,7 +70,6 @@ class FittedDetector:
             raise DataError(f"y has {y.shape[0]} labels for {len(df)} rows")
         from .evaluate import anomaly_mask     # evaluate imports sklearn.metrics
         return df, anomaly_mask(y, name, strict=name != "y")
-
 
     # ------------------------------------------------------------- scoring
     def _frame(self, X: Any) -> pd.DataFrame:
