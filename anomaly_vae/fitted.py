@@ -35,8 +35,13 @@ class FittedDetector:
     runtime settings `device` and `precision` are plain attributes (`set_params` sets them)."""
 
     def __init__(self, **params: Any) -> None:
+        self._param_names = list(params)
         for k, v in params.items():
             setattr(self, k, v)
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The estimator parameters it was saved with (current values), as `save` writes them."""
+        return {k: getattr(self, k) for k in self._param_names}
 
     def __repr__(self) -> str:
         if not hasattr(self, "vae_"):

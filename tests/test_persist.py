@@ -436,3 +436,16 @@ def test_sigkill_of_train_at_random_moments_leaves_old_or_new_model(frame, tmp_p
         assert after in (before, (old, new)[seed]), (i, before, after)
     left = os.listdir(m.parent)
     assert len([p for p in left if p.startswith(".m.v-")]) <= 3, left
+
+
+def test_a_fitted_detector_loaded_for_scoring_saves_the_same_model(fitted, frame, tmp_path):
+    """FittedDetector (what `score`, serving and Spark load) keeps the estimator parameters, so
+    saving it again (Spark ships models to its workers that way) gives the same model."""
+    from anomaly_vae import VAEAnomalyDetector
+    from anomaly_vae.fitted import FittedDetector
+
+    loaded = FittedDetector.load(fitted.save(tmp_path / "a"))
+    assert loaded.get_params() == fitted.get_params()
+    again = VAEAnomalyDetector.load(loaded.save(tmp_path / "b"))
+    assert again.get_params() == fitted.get_params()
+    np.testing.assert_array_equal(again.anomaly_score(frame.head(200)), fitted.anomaly_score(frame.head(200)))
