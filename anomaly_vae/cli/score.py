@@ -67,12 +67,14 @@ def score(ctx: click.Context, state: State, model: str, inputs: tuple[str, ...],
       anomaly-vae score -m models/demo data/transactions_holdout.parquet -o scored/demo --keep all
       anomaly-vae -q score -m models:/payments/3 'landing/*.parquet' -o scored/ --resume
     """
-    from .. import batch, io
-
-    pairs = io.expand_inputs_with_roots(inputs)
-    child = None if no_mlflow else _prepare_scoring_run(state)     # MLflow loads while the model does
+    # first thing: the MLflow run's process imports MLflow (~3 s) while this one imports
+    # pyarrow and torch and loads the model; it is closed if anything below fails
+    child = None if no_mlflow else _prepare_scoring_run(state)
     run = None
     try:
+        from .. import batch, io
+
+        pairs = io.expand_inputs_with_roots(inputs)
         det, info = state.load_model(model)
         _one_torch_thread_per_worker()
         files = [f for f, _ in pairs]
