@@ -589,6 +589,18 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def use_system_memory_pool() -> str:
+    """Make Arrow allocate with the C library's malloc (`pyarrow.system_memory_pool`) unless
+    ARROW_DEFAULT_MEMORY_POOL chooses a pool; returns the pool's backend name. For streaming
+    scoring, which allocates and frees the same few MB per batch: pyarrow's default, mimalloc,
+    hands freed pages back to the OS and faults them in again. Measured (wide benchmark table,
+    `score --no-mlflow`, 2 workers): 10M rows 44.3 s with the system pool, 50.9 s mimalloc,
+    48.7 s jemalloc; kernel time 5.4 vs 10.1 s; peak RSS 614 vs 665 MB."""
+    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        pa.set_memory_pool(pa.system_memory_pool())
+    return pa.default_memory_pool().backend_name
+
+
 # ------------------------------------------------------------------ writing
 def temp_path(dst: str | os.PathLike) -> Location:
     """Hidden temporary name beside `dst`, holding the writer's pid (cleaned up by

@@ -54,6 +54,17 @@ def isolated_store_home(tmp_path_factory):
         yield home
 
 
+@pytest.fixture(autouse=True)
+def package_log_level():
+    """In-process CLI runs (also in module fixtures) set the package logger's level (-q: ERROR)
+    for the rest of the process: each test starts at the library's default (NOTSET), so that
+    its caplog sees the library's warnings whatever ran before."""
+    import logging
+
+    logging.getLogger("anomaly_vae").setLevel(logging.NOTSET)
+    yield
+
+
 @pytest.fixture(scope="session")
 def frame() -> pd.DataFrame:
     return mixed_frame()

@@ -212,3 +212,24 @@ def test_write_stream_plain_columns_skip_the_dictionary_and_round_trip(tmp_path)
                   for i in range(meta.num_columns)}
     assert dictionary == {"id": False, "score": False, "city": True, "ex.list.element.text": False,
                           "ex.list.element.kind": True}
+
+
+@pytest.mark.parametrize("env, backend", [(None, "system"), ("jemalloc", "jemalloc"), ("mimalloc", "mimalloc")])
+def test_use_system_memory_pool_unless_the_environment_chooses(env, backend):
+    """The CLI's streaming commands allocate Arrow buffers with malloc, unless
+    ARROW_DEFAULT_MEMORY_POOL names a pool (a fresh interpreter: the pool is process-wide)."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    if backend not in pa.supported_memory_backends():
+        pytest.skip(f"this pyarrow build has no {backend} pool")
+    environ = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if env:
+        environ["ARROW_DEFAULT_MEMORY_POOL"] = env
+    code = ("import pyarrow as pa; from anomaly_vae import io; b = io.use_system_memory_pool(); "
+            "print(b, pa.default_memory_pool().backend_name, pa.array([1, 2]).buffers()[1] is not None)")
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [backend, backend, "True"]

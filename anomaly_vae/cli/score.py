@@ -77,6 +77,7 @@ def score(ctx: click.Context, state: State, model: str, inputs: tuple[str, ...],
         pairs = io.expand_inputs_with_roots(inputs)
         det, info = state.load_model(model)
         _one_torch_thread_per_worker()
+        io.use_system_memory_pool()
         files = [f for f, _ in pairs]
         run = None if no_mlflow else _scoring_run(
             ctx, state, det, info, files, experiment, child,
@@ -193,6 +194,7 @@ def encode(state: State, model: str, data: tuple[str, ...], output: str, batch_s
 
     paths = io.expand_inputs(data)
     det, _ = state.load_model(model)
+    io.use_system_memory_pool()
     total = sum(io.count_rows(p) or 0 for p in paths) or None
     with tqdm(total=total, unit="row", unit_scale=True, desc="encode", disable=not state.progress, leave=False) as bar:
         rows = batch.encode_files(det, paths, output, batch_size=batch_size, progress=bar.update)
