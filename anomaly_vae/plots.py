@@ -163,7 +163,11 @@ def scores_vs_calibration(scores: Any, calibration_scores: Any, threshold: float
     new = np.asarray(scores, dtype=np.float64).ravel()
     cal = np.asarray(calibration_scores, dtype=np.float64).ravel()
     new, cal = new[np.isfinite(new)], cal[np.isfinite(cal)]
-    fig = Figure(figsize=(7, 4), layout="constrained")
+    # fixed margins, no layout engine: the labels are always the same size, and constrained
+    # layout was half the time of rendering this figure on the critical path of every
+    # scoring run (about 0.35 vs 0.16 s per savefig)
+    fig = Figure(figsize=(7, 4))
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.93)
     ax = fig.subplots()
     both = np.r_[new, cal]
     text = title
