@@ -85,30 +85,57 @@ def occlude(X: np.ndarray, columns: np.ndarray, owner: np.ndarray, typical: np.n
 
 def explanations(entries: Entries, params: Sequence[np.ndarray], pre: Preprocessor,
                  values: Mapping[str, pa.Array | pd.Series] | None) -> pa.ListArray:
-    """The explanation list of each row. Vectorised over rows; loops over columns only.
+    """The explanation list of each row. Vectorised over rows and columns: the numbers of each
+    column are worked out with numpy (one loop over columns), then every field is formatted
+    and every text joined once for all entries of a kind (numeric, datetime, categorical),
+    since a batch's flagged rows name most columns and per-call costs dominate at that size.
 
     params: the four `DecoderParams` arrays with one row per entry (the decoder's prediction
     for that entry's row: at z = mu, occluded, or masked); values: raw input column -> (n,)
     values of all n rows (None leaves `value` null). Returns a ListArray of length n.
     """
-    layout = _Layout(pre)
-    parts, order = [], []
-    for j in np.unique(entries.column):
-        sel = np.flatnonzero(entries.column == j)
-        span = pre.spans[j]
-        raw = None if values is None or span.column not in values else values[span.column]
-        if isinstance(raw, pd.Series):          # take the m rows first, then convert them
-            raw = pa.array(raw.iloc[entries.row[sel]], from_pandas=True)
-        elif raw is not None:
-            raw = raw.take(pa.array(entries.row[sel]))
-            raw = raw.combine_chunks() if isinstance(raw, pa.ChunkedArray) else raw
-        parts.append(_column_entries(span, pre.params[span.column], layout,
-                                     [p[sel] for p in params], entries.contribution[sel], raw))
-        order.append(sel)
-    if parts:               # parts are grouped by column; put the entries back in row-major order
-        struct = in_order(parts, order)
-    else:
-        struct = pa.array([], type=ENTRY_TYPE)
+    e = len(entries.row)
+    if e == 0:
+        return pa.ListArray.from_arrays(pa.array(entries.offsets), pa.array([], type=ENTRY_TYPE),
+                                        type=EXPLANATION_TYPE)
+    f = _numbers(entries, params, pre, values)
+    num, dt, cat = (np.flatnonzero(f.kind == k) for k in ("numeric", "datetime", "categorical"))
+    name = pa.array([s.column for s in pre.spans], type=pa.string()).take(pa.array(entries.column))
+
+    # numeric: the value, the centre and the 5-95% interval, in original units
+    value_num = _fmt(f.value[num], f.value_decimals[num])
+    value_num = pc.if_else(pa.array(f.value_missing[num]), pa.scalar("null"), value_num)
+    value_num = pc.if_else(pa.array(f.has_raw[num]), value_num, pa.nulls(len(num), pa.string()))
+    value = _place(e, [(num, value_num), *f.value_text])
+    lo_text = _fmt(f.low[num], f.digits[num])
+    interval = pc.if_else(pa.array(f.low[num] == f.high[num]), lo_text,
+                          _join([lo_text, "–", _fmt(f.high[num], f.digits[num])]))
+    around = _join(["around ", _pad2(f.hour[dt]), ":", _pad2(f.minute[dt])])
+    expected = _place(e, [(num, _fmt(f.centre[num], f.digits[num])), (dt, around), *f.expected_text])
+    text = _place(e, [
+        (num, _join([name.take(num), " = ", value.take(num), " (expected ", interval, ")"])),
+        (dt, _join([name.take(dt), " = ", value.take(dt), " (expected ", around, ")"])),
+        (cat, _join([name.take(cat), " = ", value.take(cat), " (expected ", expected.take(cat), ", p=",
+                     _fmt(f.prob[cat], 2), ")"]))])
+
+    # a missing value, or a value present where the model expects it missing (numeric, datetime)
+    expect_missing = f.p_missing >= 0.5
+    is_miss = f.value_missing | (expect_missing & f.has_raw)
+    state_p = np.where(expect_missing, f.p_missing, 1.0 - f.p_missing)
+    miss = np.flatnonzero(is_miss)
+    miss_expected = pa.array(np.where(expect_missing[miss], "missing", "present"), type=pa.string())
+    miss_text = _join([name.take(miss), " = ", value.take(miss), " (usually ", miss_expected, ", p=",
+                       _fmt(state_p[miss], 2), ")"])
+    missing = pa.array(is_miss)
+    expected = pc.if_else(missing, _place(e, [(miss, miss_expected)]), expected)
+    text = pc.if_else(missing, _place(e, [(miss, miss_text)]), text)
+    kind = np.where(is_miss, "missing", f.span_kind)
+    prob = pa.array(np.where(is_miss, state_p, f.prob), mask=~(is_miss | (f.kind == "categorical")))
+    interval_mask = f.kind != "numeric"
+    struct = pa.StructArray.from_arrays(
+        [name, pa.array(kind, type=pa.string()), pa.array(entries.contribution.astype(np.float64)), value,
+         expected, pa.array(f.low, mask=interval_mask), pa.array(f.high, mask=interval_mask), prob, text],
+        fields=list(ENTRY_TYPE))
     return pa.ListArray.from_arrays(pa.array(entries.offsets), struct, type=EXPLANATION_TYPE)
 
 
@@ -147,83 +174,109 @@ class _Layout:
                 off += s.stop - s.start
 
 
-def _column_entries(span, p: dict, layout: _Layout, params: Sequence[np.ndarray],
-                    contribution: np.ndarray, raw: pa.Array | None) -> pa.StructArray:
-    """ENTRY_TYPE structs for m entries of one column; params and raw have m rows. (m,) -> (m,)"""
+class _Numbers(NamedTuple):
+    """Per entry (e,): what `explanations` formats. kind: numeric | datetime | categorical
+    (booleans are categorical here; span_kind keeps 'boolean'); value, value_decimals: a
+    numeric value and its decimals; centre, low, high, digits: the expected value and interval
+    (numeric); hour, minute (datetime); prob: P(expected category); p_missing: P(missing) from
+    the indicator (0 without one); value_text / expected_text: (positions, strings) per
+    column for the values that are text already."""
+
+    kind: np.ndarray
+    span_kind: np.ndarray
+    has_raw: np.ndarray
+    value: np.ndarray
+    value_decimals: np.ndarray
+    value_missing: np.ndarray
+    centre: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    digits: np.ndarray
+    hour: np.ndarray
+    minute: np.ndarray
+    prob: np.ndarray
+    p_missing: np.ndarray
+    value_text: list
+    expected_text: list
+
+
+def _numbers(entries: Entries, params: Sequence[np.ndarray], pre: Preprocessor,
+             values: Mapping[str, pa.Array | pd.Series] | None) -> _Numbers:
+    """The numbers of every entry, one column at a time (numpy; the few Arrow calls are the
+    per-column conversions of the row values and category names to text)."""
     mean, logvar, ind_logit, cat_logit = params
-    m = len(contribution)
-    null_f = pa.nulls(m, pa.float64())
-    name = pa.array(np.full(m, span.column, dtype=object), type=pa.string())
-    kind = np.full(m, span.kind, dtype=object)
-    low, high = null_f, null_f
+    layout = _Layout(pre)
+    e = len(entries.row)
+    span_kind = np.array([s.kind for s in pre.spans], dtype=object)[entries.column]
+    f = _Numbers(np.where(span_kind == "boolean", "categorical", span_kind), span_kind,
+                 np.zeros(e, dtype=bool), np.full(e, np.nan), np.zeros(e, dtype=np.int64),
+                 np.zeros(e, dtype=bool), np.full(e, np.nan), np.full(e, np.nan), np.full(e, np.nan),
+                 np.zeros(e, dtype=np.int64), np.zeros(e, dtype=np.int64), np.zeros(e, dtype=np.int64),
+                 np.full(e, np.nan), np.zeros(e), [], [])
+    for j in np.unique(entries.column):
+        sel = np.flatnonzero(entries.column == j)
+        span = pre.spans[j]
+        p = pre.params[span.column]
+        m = len(sel)
+        raw = None if values is None or span.column not in values else values[span.column]
+        if isinstance(raw, pd.Series):          # take the m rows first, then convert them
+            raw = pa.array(raw.iloc[entries.row[sel]], from_pandas=True)
+        elif raw is not None:
+            raw = raw.take(pa.array(entries.row[sel]))
+            raw = raw.combine_chunks() if isinstance(raw, pa.ChunkedArray) else raw
+        f.has_raw[sel] = raw is not None
 
-    if span.kind in ("categorical", "boolean"):
-        a, b = layout.categorical[span.column]
-        logits = cat_logit[:, a:b].astype(np.float64)
-        logits -= logits.max(1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(1, keepdims=True)
-        vocab = np.array(p["vocab"], dtype=object)
-        pick = np.where(vocab == UNK, -1.0, probs).argmax(1)
-        expected = pa.array(vocab[pick]).cast(pa.string())
-        expected = pc.if_else(pc.equal(expected, NULL), pa.scalar("null"), expected)
-        prob = pa.array(probs[np.arange(m), pick])
-        value = _text(raw, span.kind, m)
-        text = _join([name, " = ", value, " (expected ", expected, ", p=", _fmt(prob.to_numpy(), 2), ")"])
-        return _struct(name, kind, contribution, value, expected, low, high, prob, text)
+        if span.kind in ("categorical", "boolean"):
+            a, b = layout.categorical[span.column]
+            logits = cat_logit[sel, a:b].astype(np.float64)
+            logits -= logits.max(1, keepdims=True)
+            probs = np.exp(logits)
+            probs /= probs.sum(1, keepdims=True)
+            vocab = np.array(p["vocab"], dtype=object)
+            pick = np.where(vocab == UNK, -1.0, probs).argmax(1)
+            expected = pa.array(vocab[pick]).cast(pa.string())
+            f.expected_text.append((sel, pc.if_else(pc.equal(expected, NULL), pa.scalar("null"), expected)))
+            f.prob[sel] = probs[np.arange(m), pick]
+            f.value_text.append((sel, _text(raw, span.kind, m)))
+            continue
 
-    j = layout.numeric[span.column]
-    if span.kind == "datetime":
-        hour = np.mod(np.arctan2(mean[:, j], mean[:, j + 1]) / (2 * np.pi) * 24, 24)
-        hh = np.floor(hour).astype(np.int64)
-        mm = np.floor((hour - hh) * 60).astype(np.int64)
-        num_expected = _join(["around ", _pad2(hh), ":", _pad2(mm)])
-        value = _text(raw, "datetime", m)
-        value_missing = np.zeros(m, dtype=bool) if raw is None else raw.is_null().to_numpy(False)
-        num_text = _join([name, " = ", value, " (expected ", num_expected, ")"])
-    else:
-        mu = mean[:, j].astype(np.float64)
-        sd = np.exp(0.5 * logvar[:, j].astype(np.float64))
-        centre, lo, hi = (_to_original(mu + z * sd, p) for z in (0.0, -Z95, Z95))
-        integer = bool(p.get("integer"))
-        if integer:
-            centre, lo, hi = np.round(centre), np.floor(lo), np.ceil(hi)
-        low, high = pa.array(lo), pa.array(hi)
-        digits = 0 if integer else _digits(hi - lo)
-        num_expected = _fmt(centre, digits)
-        value_num = np.full(m, np.nan) if raw is None else \
-            pc.cast(raw, pa.float64()).to_numpy(zero_copy_only=False)
-        value_missing = ~np.isfinite(value_num) if raw is not None else np.zeros(m, dtype=bool)
-        value = _fmt(value_num, 0 if integer else 2)
-        value = pa.nulls(m, pa.string()) if raw is None else \
-            pc.if_else(pa.array(value_missing), pa.scalar("null"), value)
-        lo_text = _fmt(lo, digits)
-        interval = pc.if_else(pa.array(lo == hi), lo_text, _join([lo_text, "–", _fmt(hi, digits)]))
-        num_text = _join([name, " = ", value, " (expected ", interval, ")"])
-
-    # a missing value, or a value present where the model expects it missing
-    if span.column in layout.indicator:
-        p_missing = 1.0 / (1.0 + np.exp(-ind_logit[:, layout.indicator[span.column]].astype(np.float64)))
-    else:
-        p_missing = np.zeros(m)
-    expect_missing = p_missing >= 0.5
-    is_miss = value_missing | (expect_missing & (raw is not None))
-    state_p = np.where(expect_missing, p_missing, 1.0 - p_missing)
-    miss_expected = pa.array(np.where(expect_missing, "missing", "present"), type=pa.string())
-    miss_text = _join([name, " = ", value, " (usually ", miss_expected, ", p=", _fmt(state_p, 2), ")"])
-    mask = pa.array(is_miss)
-    kind = np.where(is_miss, "missing", kind)
-    expected = pc.if_else(mask, miss_expected, num_expected)
-    prob = pc.if_else(mask, pa.array(state_p), null_f)
-    text = pc.if_else(mask, miss_text, num_text)
-    return _struct(name, kind, contribution, value, expected, low, high, prob, text)
+        k = layout.numeric[span.column]
+        if span.kind == "datetime":
+            hour = np.mod(np.arctan2(mean[sel, k], mean[sel, k + 1]) / (2 * np.pi) * 24, 24)
+            f.hour[sel] = np.floor(hour)
+            f.minute[sel] = np.floor((hour - f.hour[sel]) * 60)
+            f.value_text.append((sel, _text(raw, "datetime", m)))
+            if raw is not None:
+                f.value_missing[sel] = raw.is_null().to_numpy(False)
+        else:
+            mu = mean[sel, k].astype(np.float64)
+            sd = np.exp(0.5 * logvar[sel, k].astype(np.float64))
+            centre, lo, hi = (_to_original(mu + z * sd, p) for z in (0.0, -Z95, Z95))
+            integer = bool(p.get("integer"))
+            if integer:
+                centre, lo, hi = np.round(centre), np.floor(lo), np.ceil(hi)
+            f.centre[sel], f.low[sel], f.high[sel] = centre, lo, hi
+            f.digits[sel] = 0 if integer else _digits(hi - lo)
+            f.value_decimals[sel] = 0 if integer else 2
+            if raw is not None:
+                f.value[sel] = pc.cast(raw, pa.float64()).to_numpy(zero_copy_only=False)
+                f.value_missing[sel] = ~np.isfinite(f.value[sel])
+        if span.column in layout.indicator:
+            f.p_missing[sel] = 1.0 / (1.0 + np.exp(-ind_logit[sel, layout.indicator[span.column]].astype(np.float64)))
+    return f
 
 
-def _struct(name, kind, contribution, value, expected, low, high, prob, text) -> pa.StructArray:
-    arrays = [name, pa.array(kind, type=pa.string()), pa.array(np.asarray(contribution, np.float64)),
-              value, expected, low, high, prob, text]
-    return pa.StructArray.from_arrays([a.cast(f.type) for a, f in zip(arrays, ENTRY_TYPE)],
-                                      fields=list(ENTRY_TYPE))
+def _place(n: int, parts: Sequence[tuple[np.ndarray, pa.Array]]) -> pa.Array:
+    """One string array of length n from (positions, strings) parts at disjoint positions;
+    null where no part has a string."""
+    index = np.full(n, -1, dtype=np.int64)
+    arrays, off = [pa.array([], type=pa.string())], 0
+    for pos, arr in parts:
+        if len(pos):
+            index[pos] = off + np.arange(len(pos))
+            arrays.append(arr.cast(pa.string()))
+            off += len(pos)
+    return pa.concat_arrays(arrays).take(pa.array(index, mask=index < 0))
 
 
 def _to_original(t_std: np.ndarray, p: dict) -> np.ndarray:

@@ -147,7 +147,7 @@ class FittedDetector:
         x = self.preprocessor_.encode(self._frame(X))
         if self.config_.objective == "masked":
             return self.vae_.masked_score_terms(x, return_params=True)[2]
-        return self.vae_.score_terms(x, return_params=True)[2]
+        return self.vae_.decoder_params(x)
 
     def score_terms(self, X: Any) -> S.ScoreTerms:
         """anomaly_score, recon_nll, kl and per-column NLL for each row of X."""
@@ -240,7 +240,7 @@ class FittedDetector:
         Xe = X[entries.row]
         if self.typical_x_ is not None:
             Xe = E.occlude(Xe, entries.column, self.preprocessor_.dim_to_column(), self.typical_x_)
-        _, _, params = self.vae_.score_terms(Xe, return_params=True)
+        params = self.vae_.decoder_params(Xe)
         shown = None if values is None else {c.name: values[c.name] for c in self.schema_.features}
         return E.explanations(entries, params, self.preprocessor_, shown)
 

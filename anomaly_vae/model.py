@@ -286,6 +286,17 @@ class VAE(nn.Module):
                     out[i:i + len(x)] = p.numpy()
         return (nll_out, kl_out) if params_out is None else (nll_out, kl_out, params_out)
 
+    @torch.no_grad()
+    def decoder_params(self, X: np.ndarray, batch_size: int = 8192) -> DecoderParams:
+        """The decoder parameters at z = mu for rows X (n, n_dims), as `score_terms` returns
+        them, without the likelihood terms (what explanations read expected values from)."""
+        self.eval()
+        out = DecoderParams(*(np.empty((len(X), w), dtype=np.float32) for w in self._splits))
+        for i in range(0, len(X), batch_size):
+            for o, p in zip(out, self.decode(self.encode(torch.from_numpy(X[i:i + batch_size]))[0])):
+                o[i:i + len(p)] = p.numpy()
+        return out
+
     def column_nll(self, x: torch.Tensor, params: tuple[torch.Tensor, ...],
                    layout: "ColumnLayout") -> torch.Tensor:
         """Per-column NLL of x under decoder params, float32 (n, n_columns); the same numbers

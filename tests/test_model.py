@@ -102,6 +102,8 @@ def test_score_terms_returns_the_decoder_params_of_the_same_pass():
     assert [p.shape for p in params] == [(30, 3), (30, 3), (30, 1), (30, 3)]
     for got, w in zip(params, want):
         np.testing.assert_allclose(got, w.numpy(), rtol=1e-5, atol=1e-6)
+    for got, same in zip(vae.decoder_params(X, batch_size=7), params):     # params only, same pass
+        np.testing.assert_array_equal(got, same)
 
 
 TINY_OWNER = np.array([0, 1, 1, 2, 2, 2, 3, 3, 3])    # 2 numeric dims, 1 indicator, 2 one-hot blocks of 3
