@@ -509,3 +509,21 @@ def test_device_and_precision_options(tmp_path, data, model_dir):
     run("-q", "--precision", "bfloat16", "score", "--no-mlflow", "-m", model_dir, src, "-o", tmp_path / "bf16")
     c = pd.read_parquet(tmp_path / "bf16" / "part-0.scored.parquet")
     np.testing.assert_allclose(c.anomaly_score, a.anomaly_score, rtol=0.05, atol=1.0)
+
+
+@pytest.mark.parametrize("args, code", [(["--version"], 0), (["no-such-command"], 2), (["score"], 2)])
+def test_entry_point_exits_quickly_with_the_commands_status_and_runs_atexit(tmp_path, args, code):
+    """`cli.run` (the console script) skips only the interpreter's module teardown: the exit
+    status is the command's, atexit handlers still run, and the output is flushed."""
+    marker = tmp_path / "atexit.txt"
+    script = (f"import atexit, sys; atexit.register(lambda: open({str(marker)!r}, 'w').write('ran')); "
+              f"sys.argv = ['anomaly-vae', *{args!r}]; print('before', end=''); "
+              "from anomaly_vae.cli import run; run()")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert marker.read_text() == "ran"
+    assert proc.stdout.startswith("before")
+    if code == 0:
+        assert "version" in proc.stdout
+    else:
+        assert "Error" in proc.stderr or "Usage" in proc.stderr

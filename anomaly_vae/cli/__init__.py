@@ -2,9 +2,14 @@
 
 `state` holds what the commands share (options, logging, error -> exit code mapping); each
 family of commands lives in its own module (`train`, `score`, `models`, `demo`) and is
-attached to the `main` group here. Entry point: ``anomaly_vae.cli:main``.
+attached to the `main` group here. Entry point: ``anomaly_vae.cli:run`` (`main`, then a quick exit).
 """
 from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
 
 import click
 
@@ -41,3 +46,32 @@ for _command in (_train.train, _train.evaluate, _score.score, _score.sample, _sc
     main.add_command(shared_options(_command))
 
 # `retrain` (pipelines/retrain.py) is attached on first use: see state.LAZY_COMMANDS.
+
+
+def run() -> None:
+    """The console entry point: `main`, then the end of an interpreter's shutdown without
+    its last, slow part. Python's own shutdown first waits for threads, then runs the atexit
+    handlers (logging, MLflow, temporary-directory finalizers), then frees every module,
+    which with torch, pyarrow and pandas loaded takes ~0.5 s (measured: `import torch,
+    pyarrow.parquet, pandas` 2.4 s with the normal exit, 1.9 s without its last step). Here
+    the first two steps run as usual, then the streams are flushed and the process exits."""
+    try:
+        main.main(prog_name="anomaly-vae")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):     # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        code = 1
+    shutdown = getattr(threading, "_shutdown", None)    # joins the non-daemon threads
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe (`anomaly-vae ... | head`)
+            pass
+    os._exit(code)

@@ -1,4 +1,4 @@
 """`python -m anomaly_vae.cli`."""
-from . import main
+from . import run
 
-main()
+run()
