@@ -140,16 +140,27 @@ def psi_plot(table: pd.DataFrame, alert: float = DEFAULT_ALERT, title: str = "Po
 
     Returns a matplotlib Figure built without pyplot (no GUI backend, no global state).
     """
+    from matplotlib import rcParams
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
 
     t = table.sort_values("psi", kind="stable")
-    fig = Figure(figsize=(7, 0.35 * len(t) + 1.5))
+    names = t["feature"].astype(str)
+    height = 0.35 * len(t) + 1.5
+    fig = Figure(figsize=(7, height))
+    # margins set here, not by tight_layout (which lays out every label twice; this figure is
+    # drawn at the end of every scoring run: 0.27 -> 0.15 s): the left one fits the widest name
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    font = FontProperties(size=rcParams["ytick.labelsize"])
+    widest = max((renderer.get_text_width_height_descent(n, font, ismath=False)[0] for n in names), default=0.0)
+    left = min(0.6, (widest + 0.15 * fig.dpi) / (7 * fig.dpi))
+    fig.subplots_adjust(left=left, right=0.97, bottom=0.6 / height, top=1 - 0.4 / height)
     ax = fig.subplots()
     colors = ["tab:red" if p > alert else "tab:blue" for p in t["psi"]]
-    ax.barh(t["feature"].astype(str), t["psi"], color=colors)
+    ax.barh(names, t["psi"], color=colors)
     ax.axvline(alert, color="black", linestyle="--", linewidth=1, label=f"alert threshold {alert:g}")
     ax.set_xlabel("PSI (training profile vs new window)")
     ax.set_title(title)
     ax.legend(loc="lower right")
-    fig.tight_layout()
     return fig
