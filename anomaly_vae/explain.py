@@ -208,11 +208,12 @@ def _numbers(entries: Entries, params: Sequence[np.ndarray], pre: Preprocessor,
     layout = _Layout(pre)
     e = len(entries.row)
     span_kind = np.array([s.kind for s in pre.spans], dtype=object)[entries.column]
-    f = _Numbers(np.where(span_kind == "boolean", "categorical", span_kind), span_kind,
-                 np.zeros(e, dtype=bool), np.full(e, np.nan), np.zeros(e, dtype=np.int64),
-                 np.zeros(e, dtype=bool), np.full(e, np.nan), np.full(e, np.nan), np.full(e, np.nan),
-                 np.zeros(e, dtype=np.int64), np.zeros(e, dtype=np.int64), np.zeros(e, dtype=np.int64),
-                 np.full(e, np.nan), np.zeros(e), [], [])
+    nan, zero = (lambda: np.full(e, np.nan)), (lambda dtype: np.zeros(e, dtype=dtype))
+    f = _Numbers(kind=np.where(span_kind == "boolean", "categorical", span_kind), span_kind=span_kind,
+                 has_raw=zero(bool), value=nan(), value_decimals=zero(np.int64), value_missing=zero(bool),
+                 centre=nan(), low=nan(), high=nan(), digits=zero(np.int64), hour=zero(np.int64),
+                 minute=zero(np.int64), prob=nan(), p_missing=zero(np.float64), value_text=[],
+                 expected_text=[])
     for j in np.unique(entries.column):
         sel = np.flatnonzero(entries.column == j)
         span = pre.spans[j]
