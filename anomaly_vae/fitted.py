@@ -154,11 +154,13 @@ class FittedDetector:
         self._check_fitted()
         return self._terms_from_X(self._encode(X))
 
-    def _encode(self, X: Any) -> np.ndarray:
-        """Validated, encoded rows (n, n_dims); Arrow tables and record batches skip pandas."""
+    def _encode(self, X: Any) -> Encoded:
+        """Validated, encoded rows, one-hot blocks as indices (`Encoded`: the dense (n, n_dims)
+        one-hot matrix is never built; 1M wide rows would be 664 MB); Arrow tables and record
+        batches skip pandas."""
         if hasattr(X, "schema") and hasattr(X, "column") and not isinstance(X, pd.DataFrame):
-            return self.preprocessor_.encode(validate_arrow(self.schema_, X))
-        return self.preprocessor_.encode(self._frame(X))
+            return self.preprocessor_.encode_compact(validate_arrow(self.schema_, X))
+        return self.preprocessor_.encode_compact(self._frame(X))
 
     def anomaly_score(self, X: Any) -> np.ndarray:
         """Reconstruction NLL + KL in nats; higher = stranger. (n,)"""
