@@ -196,9 +196,13 @@ class FittedDetector:
         and its probability) and a rendered `text`; `explain.to_frame` makes it long format.
         """
         frame = self._frame(X)
-        X_enc = self.preprocessor_.encode(frame)
-        table = self.score_table(self._terms_from_X(X_enc), top_k, values=frame, X=X_enc,
-                                 explain_all=explain_all)
+        X_enc = self.preprocessor_.encode_compact(frame)
+        terms = self._terms_from_X(X_enc)
+        if explain_all:
+            table = self.score_table(terms, top_k, values=frame, X=X_enc.dense(), explain_all=True)
+        else:       # as streaming does: the dense rows of the flagged rows only
+            flagged = np.flatnonzero(terms.anomaly_score > self.threshold_)
+            table = self.score_table(terms, top_k, values=frame, X=X_enc.dense(flagged), X_rows=flagged)
         if isinstance(X, pd.DataFrame):
             table.index = X.index              # so df.join(det.explain(df)) lines up
         return table
