@@ -197,22 +197,19 @@ class FittedDetector:
         """
         frame = self._frame(X)
         X_enc = self.preprocessor_.encode_compact(frame)
-        terms = self._terms_from_X(X_enc)
-        if explain_all:
-            table = self.score_table(terms, top_k, values=frame, X=X_enc.dense(), explain_all=True)
-        else:       # as streaming does: the dense rows of the flagged rows only
-            flagged = np.flatnonzero(terms.anomaly_score > self.threshold_)
-            table = self.score_table(terms, top_k, values=frame, X=X_enc.dense(flagged), X_rows=flagged)
+        table = self.score_table(self._terms_from_X(X_enc), top_k, values=frame, X=X_enc,
+                                 explain_all=explain_all)
         if isinstance(X, pd.DataFrame):
             table.index = X.index              # so df.join(det.explain(df)) lines up
         return table
 
     def score_table(self, terms: S.ScoreTerms, top_k: int | None = None, *, values: Any = None,
-                    X: np.ndarray | None = None, explain_all: bool = False,
+                    X: np.ndarray | Encoded | None = None, explain_all: bool = False,
                     X_rows: np.ndarray | None = None) -> pd.DataFrame:
         """The score columns for `terms`. With `X` (the encoded rows `terms` came from) also
         `explanation`: for flagged rows (every row with explain_all=True) the top_features
-        columns with value and expected value (`explain.ENTRY_TYPE`), an empty list otherwise;
+        columns with value and expected value (`explain.ENTRY_TYPE`), an empty list otherwise
+        (an `Encoded` X stays compact: only the explained rows are made dense);
         `values` (DataFrame or Arrow batch of the same rows) gives the values shown.
         `X_rows` (positions, ascending) says X holds only those rows; they must include every
         flagged row (what streaming scoring keeps, so it explains a whole batch at once)."""
@@ -237,13 +234,13 @@ class FittedDetector:
             table["explanation"] = pd.Series(pd.arrays.ArrowExtensionArray(ex), index=table.index)
         return table
 
-    def _explanation(self, X: np.ndarray, values: Any, contrib: np.ndarray, k: int,
+    def _explanation(self, X: Any, values: Any, contrib: np.ndarray, k: int,
                      rows: np.ndarray | None) -> Any:
         """list<struct> explanation per row. The expected value of a column is the decoder's
         prediction for the row with that column set to its typical value (so it comes from
         the other columns; at z = mu the VAE partly echoes the odd value back)."""
         entries = E.select_entries(contrib, k, rows)
-        Xe = X[entries.row]
+        Xe = dense(X, entries.row)
         if self.typical_x_ is not None:
             Xe = E.occlude(Xe, entries.column, self.preprocessor_.dim_to_column(), self.typical_x_)
         params = self.vae_.decoder_params(Xe)
