@@ -155,8 +155,11 @@ def score_dataset(spark: "SparkSession", model: str | os.PathLike, source: str, 
         scores.write.mode(mode).partitionBy(*partition_by).parquet(output)
     except Exception as exc:  # noqa: BLE001 - executor errors arrive wrapped by Py4J / Spark
         raise _library_error(exc) from exc
-    written = spark.read.parquet(output)
-    rows, flagged = written.count(), written.filter("is_anomaly").count()
+    from pyspark.sql import functions as F
+
+    counted = spark.read.parquet(output).agg(F.count(F.lit(1)).alias("rows"),
+                                            F.count(F.when(F.col("is_anomaly"), 1)).alias("flagged")).first()
+    rows, flagged = counted["rows"], counted["flagged"]
     log.info("scored %d rows with %s into %s", rows, info["uri"], output)
     return {"rows": int(rows), "flagged": int(flagged), "output": output, "model": info}
 
