@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
@@ -50,6 +51,7 @@ PLAIN_COLUMNS = ("anomaly_score", "recon_nll", "kl", "top_features", "explanatio
                  "explanation.list.element.text")
 MANIFEST_FORMAT = "anomaly-vae-scores"
 OUTPUT_SUFFIX = ".scored.parquet"
+MANIFEST_SECONDS = 1.0         # the manifest is rewritten after each input, at most this often
 SUCCESS = "_SUCCESS"            # written last, when every input of a run is scored
 LOCK_FILE = "_score.lock"       # held by the run writing into a (local) output directory
 
@@ -541,7 +543,19 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
     summary = {"files": len(inputs), "scored": 0, "skipped": 0, "failed": 0, "failures": [], "rows": 0,
                "flagged": 0, "seconds": 0.0}
     io.delete(io.join(out_dir, SUCCESS))      # the folder is changing: not complete until the end
-    write_manifest(out_dir, manifest)
+    last_write = -math.inf
+
+    def save(now: bool = True) -> None:
+        """Rewrite the manifest; with now=False only if the last write is MANIFEST_SECONDS old
+        (many small inputs: one whole-manifest rewrite per input made the run quadratic)."""
+        nonlocal last_write, dirty
+        dirty = True
+        if now or time.monotonic() - last_write >= MANIFEST_SECONDS:
+            write_manifest(out_dir, manifest)
+            last_write, dirty = time.monotonic(), False
+
+    dirty = False
+    save()
     file_bar = tqdm(total=len(inputs), desc="files", unit="file", disable=not progress or len(inputs) < 2)
     try:
         for src, dst in zip(inputs, targets):
@@ -558,8 +572,8 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
             try:
                 fp = _fingerprint(src)
                 entry.update(input_size=fp["size"], input_mtime=fp["mtime"])
-                write_manifest(out_dir, manifest)
-                bar = tqdm(total=count_rows(src), desc=io.basename(src), unit="row", unit_scale=True,
+                save(now=False)
+                bar = tqdm(total=count_rows(src) if progress else None, desc=io.basename(src), unit="row", unit_scale=True,
                            leave=False, disable=not progress)
                 hook = None if on_batch is None else (lambda b, s, _src=src: on_batch(_src, b, s))
                 stats = score_file(det, src, dst, keep=keep, batch_size=batch_size, progress=bar.update,
@@ -567,7 +581,7 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
             except Exception as exc:  # noqa: BLE001 - one input's failure, whatever it is, is that input's
                 err = exc if isinstance(exc, AnomalyVAEError) else _unexpected(src, exc)
                 entry.update(status="failed", error=_one_line(err), finished=_now())
-                write_manifest(out_dir, manifest)
+                save()
                 ended(src, "failed")
                 if not keep_going:
                     if err is exc:
@@ -580,7 +594,7 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
                 continue
             except BaseException as exc:         # KeyboardInterrupt: record, then stop
                 entry.update(status="failed", error=_one_line(exc), finished=_now())
-                write_manifest(out_dir, manifest)
+                save()
                 raise
             finally:
                 if bar is not None:
@@ -589,7 +603,7 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
                          status="done", finished=_now())
             if stats["warnings"]:
                 entry["warnings"] = stats["warnings"]
-            write_manifest(out_dir, manifest)
+            save(now=False)
             summary["scored"] += 1
             ended(src, "done")
             for k in ("rows", "flagged", "seconds"):
@@ -597,6 +611,8 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
             file_bar.update(1)
     finally:
         file_bar.close()
+    if dirty:
+        save()
     if not summary["failed"]:                 # published last: every output and the manifest are in place
         io.write_bytes(io.join(out_dir, SUCCESS), b"")
     return {**manifest, "summary": summary}

@@ -721,13 +721,15 @@ def write_stream(dst: str | os.PathLike, schema: pa.Schema,
     return rows
 
 
-def parquet_leaf_paths(schema: pa.Schema) -> list[str]:
+@functools.lru_cache(maxsize=32)
+def parquet_leaf_paths(schema: pa.Schema) -> tuple[str, ...]:
     """The parquet column paths of an Arrow schema ('a', 's.x', 'l.list.element.y', ...), as
-    the writer's per-column options name them (read off an empty file written in memory)."""
+    the writer's per-column options name them (read off an empty file written in memory; cached,
+    as every output file of a run has the same schema)."""
     buf = pa.BufferOutputStream()
     pq.write_table(schema.empty_table(), buf)
     meta = pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema
-    return [meta.column(i).path for i in range(len(meta))]
+    return tuple(meta.column(i).path for i in range(len(meta)))
 
 
 def write_frame(df: pd.DataFrame, dst: str | os.PathLike) -> int:

@@ -277,6 +277,36 @@ def test_score_files_manifest_and_resume(tmp_path, fitted, scored_rows):
     assert pq.read_metadata(tmp_path / "both" / "in" / "part-0.scored.parquet").num_rows == 200
 
 
+@pytest.mark.parametrize("every, writes", [(0.0, 1 + 2 * 12), (3600.0, 2)])
+def test_many_inputs_rewrite_the_manifest_at_most_once_a_second(tmp_path, fitted, scored_rows, monkeypatch,
+                                                                every, writes):
+    """A whole-manifest rewrite per input made many small inputs quadratic: the rewrites after
+    each input are spaced by MANIFEST_SECONDS, and the run ends with the complete manifest."""
+    ind = tmp_path / "in"
+    ind.mkdir()
+    for i in range(12):
+        scored_rows.iloc[i * 10:(i + 1) * 10].to_parquet(ind / f"part-{i:02d}.parquet", index=False)
+    seen = []
+    real = batch.write_manifest
+    monkeypatch.setattr(batch, "write_manifest",
+                        lambda d, m: seen.append({k: e["status"] for k, e in m["files"].items()}) or real(d, m))
+    monkeypatch.setattr(batch, "MANIFEST_SECONDS", every)
+    out = tmp_path / "out"
+    res = batch.score_files(fitted, io.expand_inputs([ind]), out)
+    assert res["summary"]["scored"] == 12 and (out / batch.SUCCESS).exists()
+    assert len(seen) == writes
+    assert seen[-1] == {str((ind / f"part-{i:02d}.parquet").resolve()): "done" for i in range(12)}
+    assert batch.read_manifest(out)["files"].keys() == seen[-1].keys()
+    # a failure is written at once, whatever the spacing
+    (ind / "part-05.parquet").write_bytes(b"not parquet")
+    seen.clear()
+    res = batch.score_files(fitted, io.expand_inputs([ind]), tmp_path / "out2", keep_going=True)
+    assert res["summary"]["failed"] == 1
+    failed = [i for i, m in enumerate(seen) if "failed" in m.values()]
+    assert failed and (not every or failed[0] == 1)     # spaced: the write right after the initial one
+    assert batch.read_manifest(tmp_path / "out2")["files"][str((ind / "part-05.parquet").resolve())]["status"] == "failed"
+
+
 def test_manifest_unreadable_and_atomic(tmp_path):
     assert batch.read_manifest(tmp_path) is None
     batch.write_manifest(tmp_path, {"format": batch.MANIFEST_FORMAT, "files": {}})
