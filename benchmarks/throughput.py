@@ -19,6 +19,8 @@ timestamp, 10 numeric, 6 categoricals, 2 booleans). For each table, in one run:
      and for the first row count only:
        cli_1thread   the same with ``--threads 1`` (default: a scoring worker per CPU);
        cli_no_mlflow the same with ``--no-mlflow`` (the cost of the scoring run's tracking);
+       cli_files  the same rows cut into ``--split-files`` files (default 1,000), scored as
+                  one directory (what a stream's sink leaves: the cost per file);
        cli_float32 / cli_bfloat16  the same with the precision ``auto`` did not pick (``auto``
                   is bfloat16 where that is faster, `model.cpu_bf16_is_faster`; see
                   benchmarks/precision.py for its quality);
@@ -220,8 +222,25 @@ def _cli(model: Path, src: Path, out_dir: Path, *options: str) -> dict:
     home = {"ANOMALY_VAE_HOME": str(out_dir.parent / "home")}
     r = _run(exe + ["-q", "score", *options, "-m", str(model), str(src), "-o", str(out_dir)], env=home)
     r.pop("stdout")
-    r["rows"] = pq.read_metadata(out_dir / f"{src.stem}.scored.parquet").num_rows
+    outputs = sorted(out_dir.rglob("*.scored.parquet")) if src.is_dir() else [out_dir / f"{src.stem}.scored.parquet"]
+    r["rows"] = sum(pq.read_metadata(f).num_rows for f in outputs)
     return r
+
+
+def split(src: Path, folder: Path, parts: int) -> Path:
+    """`src` cut into `parts` files of equal rows in `folder` (a directory of small files, as
+    a stream's sink writes them); reused when present."""
+    import pyarrow.parquet as pq
+
+    if folder.exists() and len(list(folder.glob("*.parquet"))) == parts:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    table = pq.read_table(src)
+    step = -(-table.num_rows // parts)
+    for i in range(parts):
+        pq.write_table(table.slice(i * step, step), folder / f"part-{i:05d}.parquet")
+    return folder
 
 
 def _cli_median(repeat: int, *args: Any) -> dict:
@@ -334,6 +353,9 @@ def bench_table(table: str, args, work: Path) -> dict:
         if k == 0:
             run["cli_1thread"] = _cli_median(repeat, model, files[rows], work / "scored", "--threads", "1")
             run["cli_no_mlflow"] = _cli_median(repeat, model, files[rows], work / "scored", "--no-mlflow")
+            if args.split_files > 1:
+                parts = split(files[rows], work / f"{name}_{rows}_in_{args.split_files}", args.split_files)
+                run["cli_files"] = _cli(model, parts, work / "scored")
             other = "bfloat16" if auto_dtype() == "float32" else "float32"
             run[f"cli_{other}"] = _cli_median(repeat, model, files[rows], work / "scored", "--precision", other)
             run["in_memory"] = _child("_in_memory", str(model), src)
@@ -346,7 +368,7 @@ def bench_table(table: str, args, work: Path) -> dict:
                                          json.dumps(features))
                 except RuntimeError as exc:
                     print(f"  pyod reference failed: {str(exc)[:300]}", flush=True)
-        for key in ("cli", "cli_1thread", "cli_no_mlflow", "cli_float32", "cli_bfloat16", "in_memory", "pyod"):
+        for key in ("cli", "cli_1thread", "cli_no_mlflow", "cli_files", "cli_float32", "cli_bfloat16", "in_memory", "pyod"):
             if key in run:
                 sec = run[key].get("seconds_in_ram", run[key]["seconds"])
                 run[key]["rows_per_s"] = rows / sec
@@ -373,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32768)
     p.add_argument("--pyod", action=argparse.BooleanOptionalAction, default=True,
                    help="PyOD VAE reference (needs the bench extra)")
+    p.add_argument("--split-files", type=int, default=1000,
+                   help="also score the first row count cut into this many files, as one directory (1: skip)")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs of each `score` measurement up to 2M rows (the median is reported)")
     p.add_argument("--workdir", type=Path, default=None, help="data/models/outputs (default: a temp dir)")
@@ -412,8 +436,8 @@ def flat_rows(tables: list[dict]) -> list[dict]:
     for t in tables:
         for r in t["runs"]:
             floor = r["floor"]["rows_per_s"]
-            for key in ("floor", "cli_startup", "cli", "cli_1thread", "cli_no_mlflow", "cli_float32", "cli_bfloat16",
-                        "in_memory", "pyod"):
+            for key in ("floor", "cli_startup", "cli", "cli_1thread", "cli_no_mlflow", "cli_files", "cli_float32",
+                        "cli_bfloat16", "in_memory", "pyod"):
                 if key not in r:
                     continue
                 m = r[key]
