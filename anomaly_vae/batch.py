@@ -149,10 +149,12 @@ def _encode_batch(det: "VAEAnomalyDetector", batch: pa.RecordBatch) -> "Encoded"
     return det.preprocessor_.encode_compact(validate_arrow(det.schema_, batch))
 
 
-def _output_batch(batch: pa.RecordBatch, table: Any, passthrough: Sequence[str],
+def _output_batch(batch: pa.RecordBatch, cols: dict[str, Any], passthrough: Sequence[str],
                   schema: pa.Schema) -> pa.RecordBatch:
+    """The output record batch: pass-through columns, then `FittedDetector.score_columns`."""
     arrays = [_conform(batch.column(c), schema.field(c).type) for c in passthrough]
-    arrays += [pa.array(table[f.name], type=f.type, from_pandas=True) for f in SCORE_FIELDS]
+    arrays += [_conform(cols[f.name], f.type) if isinstance(cols[f.name], pa.Array)
+               else pa.array(cols[f.name], type=f.type, from_pandas=True) for f in SCORE_FIELDS]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -174,9 +176,9 @@ def _score_sliced(det: "VAEAnomalyDetector", batch: pa.RecordBatch, passthrough:
         kept.append(X.dense(flagged))
         flagged_at.append(flagged + off)
     with rows(0, batch.num_rows):
-        table = det.score_table(merge_terms(terms), values=batch, X=np.concatenate(kept),
-                                X_rows=np.concatenate(flagged_at))
-    return _output_batch(batch, table, passthrough, schema)
+        cols = det.score_columns(merge_terms(terms), values=batch, X=np.concatenate(kept),
+                                 X_rows=np.concatenate(flagged_at))
+    return _output_batch(batch, cols, passthrough, schema)
 
 
 def merge_terms(terms: Sequence[S.ScoreTerms]) -> S.ScoreTerms:

@@ -213,26 +213,37 @@ class FittedDetector:
         `values` (DataFrame or Arrow batch of the same rows) gives the values shown.
         `X_rows` (positions, ascending) says X holds only those rows; they must include every
         flagged row (what streaming scoring keeps, so it explains a whole batch at once)."""
+        cols = self.score_columns(terms, top_k, values=values, X=X, explain_all=explain_all, X_rows=X_rows)
+        cols["top_features"] = pd.arrays.ArrowStringArray(cols["top_features"])  # Arrow-backed, no per-row objects
+        if "explanation" in cols:
+            cols["explanation"] = pd.arrays.ArrowExtensionArray(cols["explanation"])
+        return pd.DataFrame(cols)
+
+    def score_columns(self, terms: S.ScoreTerms, top_k: int | None = None, *, values: Any = None,
+                      X: np.ndarray | Encoded | None = None, explain_all: bool = False,
+                      X_rows: np.ndarray | None = None) -> dict[str, Any]:
+        """`score_table`'s columns as {name: numpy array, or Arrow array for top_features and
+        explanation}: what streaming scoring turns into a record batch without a DataFrame
+        (whose construction was a good part of the fixed cost of each small batch)."""
         contrib = S.feature_contributions(terms, self.column_median_)
         names = [s.column for s in self.preprocessor_.spans]
         k = top_k or self.config_.top_k
         is_anomaly = terms.anomaly_score > self.threshold_
-        table = pd.DataFrame({
+        cols = {
             "anomaly_score": terms.anomaly_score,
             "recon_nll": terms.recon_nll,
             "kl": terms.kl,
             "p_value": S.p_values(terms.anomaly_score, self.calibration_scores_),
             "is_anomaly": is_anomaly,
-            "top_features": S.top_features(contrib, names, k),
-        })
+            "top_features": S.top_feature_text(contrib, names, k),
+        }
         if X is not None:
             if X_rows is not None:
                 if explain_all:
                     raise ValueError("explain_all needs X for every row, not X_rows")
                 X = _RowsOf(X, X_rows, len(is_anomaly))
-            ex = self._explanation(X, values, contrib, k, None if explain_all else is_anomaly)
-            table["explanation"] = pd.Series(pd.arrays.ArrowExtensionArray(ex), index=table.index)
-        return table
+            cols["explanation"] = self._explanation(X, values, contrib, k, None if explain_all else is_anomaly)
+        return cols
 
     def _explanation(self, X: Any, values: Any, contrib: np.ndarray, k: int,
                      rows: np.ndarray | None) -> Any:

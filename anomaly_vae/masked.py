@@ -108,7 +108,7 @@ class MaskedVAE(VAE):
         return_params, also the `model.DecoderParams` those dims were scored with (averaged
         likewise): (nll, kl, params), as `VAE.score_terms` returns them.
         """
-        self.eval()
+        self._eval()
         device = self.owner.device
         masks = torch.from_numpy(score_masks(self.n_columns, self.mask_fraction, self.mask_rounds,
                                              self.mask_seed).astype(np.float32)).to(device)

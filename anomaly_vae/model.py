@@ -208,6 +208,12 @@ class VAE(nn.Module):
         self.dec_out.bias[a:a + len(rates)] = torch.log(rates) - torch.log1p(-rates)
 
     # ------------------------------------------------------------------ forward
+    def _eval(self) -> None:
+        """`eval()` unless already in eval mode (`train`/`eval` set every submodule; walking
+        them on each scored batch cost ~0.2 ms)."""
+        if self.training:
+            self.eval()
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
         return self.enc_mu(h), self.enc_logvar(h).clamp(-12.0, 8.0)
@@ -269,7 +275,7 @@ class VAE(nn.Module):
         With return_params=True also the decoder parameters at z = mu (`DecoderParams`), from
         the same pass (expected values are read from them): (nll, kl, params).
         """
-        self.eval()
+        self._eval()
         nll_out = np.empty((len(X), self.n_dims), dtype=np.float32)
         kl_out = np.empty(len(X), dtype=np.float32)
         widths = [self._splits[0], self._splits[1], self._splits[2], self._splits[3]]
@@ -290,7 +296,7 @@ class VAE(nn.Module):
     def decoder_params(self, X: np.ndarray, batch_size: int = 8192) -> DecoderParams:
         """The decoder parameters at z = mu for rows X (n, n_dims), as `score_terms` returns
         them, without the likelihood terms (what explanations read expected values from)."""
-        self.eval()
+        self._eval()
         out = DecoderParams(*(np.empty((len(X), w), dtype=np.float32) for w in self._splits))
         for i in range(0, len(X), batch_size):
             for o, p in zip(out, self.decode(self.encode(torch.from_numpy(X[i:i + batch_size]))[0])):
@@ -456,7 +462,7 @@ class VAE(nn.Module):
         the device computes it natively, see `scoring_dtype`). Results are deterministic for a
         given model, machine and setting. Rows go through in blocks of `batch_size` (default
         `score_block`: the activations stay in cache)."""
-        self.eval()
+        self._eval()
         device = torch.device(device)
         dtype = scoring_dtype(precision, device)
         batch_size = batch_size or self.score_block(dtype)
@@ -492,7 +498,7 @@ class VAE(nn.Module):
     def iwae_nll(self, X: np.ndarray, n_samples: int = 16, batch_size: int = 2048,
                  seed: int = 0) -> np.ndarray:
         """Importance-weighted estimate of -log p(x) with K samples from q(z|x). (n,)"""
-        self.eval()
+        self._eval()
         gen = torch.Generator().manual_seed(seed)
         out = np.empty(len(X), dtype=np.float64)
         for i in range(0, len(X), batch_size):
@@ -517,7 +523,7 @@ class VAE(nn.Module):
         """KL each column causes: KL(q(z|x)) minus KL with that column's dims set to `typical`
         (its usual encoded value), floored at 0. (n, n_columns); one encoder pass per column.
         X is dense (n, n_dims) or `preprocess.Encoded` (then the occluded copies stay compact)."""
-        self.eval()
+        self._eval()
         if not isinstance(X, np.ndarray):
             occluders = self._compact_occluders(column_dims, typical)
             if occluders is not None:
@@ -587,7 +593,7 @@ class VAE(nn.Module):
         """Each column's NLL under the decoder's prediction for the row with that column set to
         `typical` (so predicted from the other columns): ~ -log p(x_j | x_rest). (n, n_columns);
         one encoder + decoder pass per column."""
-        self.eval()
+        self._eval()
         out = np.zeros((len(X), len(column_dims)), dtype=np.float64)
         typ = torch.from_numpy(np.asarray(typical, dtype=np.float32))
         for i in range(0, len(X), batch_size):
@@ -602,7 +608,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def latent_means(self, X: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-        self.eval()
+        self._eval()
         return np.concatenate([self.encode(torch.from_numpy(X[i:i + batch_size]))[0].numpy()
                                for i in range(0, len(X), batch_size)]) if len(X) else \
             np.zeros((0, self.latent_dim), dtype=np.float32)
@@ -610,7 +616,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """Draw n synthetic encoded rows: z ~ N(0, I), then sample each likelihood. (n, n_dims)"""
-        self.eval()
+        self._eval()
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn((n, self.latent_dim), generator=gen)
         mean, logvar, ind_logit, cat_logit = self.decode(z)

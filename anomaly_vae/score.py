@@ -65,15 +65,21 @@ def top_columns(contrib: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def top_features(contrib: np.ndarray, names: Sequence[str], k: int = 3) -> pd.Series:
     """The k columns with the largest positive contributions per row, as 'name:+1.23;...'.
+    (n, c) -> string Series of length n ('' when no column is above its normal median),
+    Arrow-backed: no per-row Python strings."""
+    return pd.Series(pd.arrays.ArrowStringArray(top_feature_text(contrib, names, k)))
+
+
+def top_feature_text(contrib: np.ndarray, names: Sequence[str], k: int = 3) -> pa.StringArray:
+    """`top_features` as an Arrow string array.
 
     Built with Arrow kernels (no per-row Python), as this runs on every scored row: each
     positive entry's 'name:+x.xx' is taken from a table of them (`_entry_table`; entries above
     its range are formatted), then joined per row as a list.
-    (n, c) -> string Series of length n ('' when no column is above its normal median).
     """
     n, c = contrib.shape
     if c == 0 or n == 0:
-        return pd.Series([""] * n, dtype="string")
+        return pa.array([""] * n, type=pa.string())
     idx, vals = top_columns(contrib, k)
     keep = vals > 0
     offsets = np.zeros(n + 1, dtype=np.int32)
@@ -88,8 +94,7 @@ def top_features(contrib: np.ndarray, names: Sequence[str], k: int = 3) -> pd.Se
                          pc.binary_join_element_wise(prefix.take(pa.array(cols[~inside])),
                                                      _cents_text(cents[~inside]), "")],
                         [np.flatnonzero(inside), np.flatnonzero(~inside)])
-    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), text), ";")
-    return pd.Series(pd.arrays.ArrowStringArray(joined))    # Arrow-backed: no per-row Python strings
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), text), ";")
 
 
 def in_order(parts: Sequence[pa.Array], positions: Sequence[np.ndarray]) -> pa.Array:

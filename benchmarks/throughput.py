@@ -143,7 +143,7 @@ def child_stages(model: str, src: str, dst: str, batch_size: str, precision: str
             t["nll_kl"] += (d - c) - (c - b)
             t["explanation"] += clock() - d
         a = clock()
-        table = det.score_table(merge_terms(terms), values=batch, X=np.concatenate(kept), X_rows=np.concatenate(at))
+        table = det.score_columns(merge_terms(terms), values=batch, X=np.concatenate(kept), X_rows=np.concatenate(at))
         out = _output_batch(batch, table, ids, schema)
         b = clock()
         t["explanation"] += b - a
