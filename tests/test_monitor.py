@@ -8,7 +8,7 @@ import pytest
 
 from anomaly_vae import batch
 from anomaly_vae.drift import SCORE_ROW, drift_table
-from anomaly_vae.monitor import ScoringMonitor
+from anomaly_vae.monitor import RESERVOIR_SIZE, ScoringMonitor
 from conftest import mixed_frame
 
 
@@ -106,17 +106,24 @@ def test_top_rows_are_the_highest_flagged_scores_with_explanations(fitted):
     assert list(roomy.top_rows()["row_id"]) == list(flagged["row_id"])
 
 
-def test_discard_forgets_the_batches_of_a_failed_input(fitted):
+@pytest.mark.parametrize("reservoir", [RESERVOIR_SIZE, 250])     # 250: full before the bad input
+def test_discard_forgets_the_batches_of_a_failed_input(fitted, reservoir):
     good, bad = mixed_frame(400, seed=14), _shifted(seed=15, n=400)
-    clean = _monitor(fitted)
+    clean = _monitor(fitted, reservoir_size=reservoir)
     _feed(fitted, good, [200, 200], clean, "good.parquet")
-    mon = _monitor(fitted)
+    mon = _monitor(fitted, reservoir_size=reservoir)
     _feed(fitted, good, [200, 200], mon, "good.parquet")
     _feed(fitted, bad, [150, 150], mon, "bad.parquet")               # failed before its last batch
     assert mon.rows == 700
     mon.discard("bad.parquet")
     assert mon.metrics() == clean.metrics()
     assert mon.top_rows().equals(clean.top_rows())
+    assert mon.drift_table().equals(clean.drift_table()) and mon.quantiles() == clean.quantiles()
+    # and the state goes on from there as if the bad input had never come
+    _feed(fitted, good, [400], mon, "again.parquet")
+    _feed(fitted, good, [400], clean, "again.parquet")
+    assert mon.metrics() == clean.metrics() and mon.drift_table().equals(clean.drift_table())
+    assert mon.quantiles() == clean.quantiles()
 
 
 def test_no_rows_no_statistics(fitted):
