@@ -208,6 +208,14 @@ class VAE(nn.Module):
         self.dec_out.bias[a:a + len(rates)] = torch.log(rates) - torch.log1p(-rates)
 
     # ------------------------------------------------------------------ forward
+    def _layout(self, owner: np.ndarray, n_columns: int, device: torch.device) -> ColumnLayout:
+        """`ColumnLayout.build`, kept per (owner, columns, device): it was rebuilt per batch."""
+        key = (np.asarray(owner, dtype=np.int64).tobytes(), n_columns, str(device))
+        cache = self.__dict__.setdefault("_layouts", {})
+        if key not in cache:
+            cache[key] = ColumnLayout.build(self, owner, n_columns, device)
+        return cache[key]
+
     def _eval(self) -> None:
         """`eval()` unless already in eval mode (`train`/`eval` set every submodule; walking
         them on each scored batch cost ~0.2 ms)."""
@@ -466,7 +474,7 @@ class VAE(nn.Module):
         device = torch.device(device)
         dtype = scoring_dtype(precision, device)
         batch_size = batch_size or self.score_block(dtype)
-        layout = ColumnLayout.build(self, owner, n_columns, device)
+        layout = self._layout(owner, n_columns, device)
         col_out = np.empty((len(X), n_columns), dtype=np.float32)
         kl_out = np.empty(len(X), dtype=np.float32)
         compact = not isinstance(X, np.ndarray)
