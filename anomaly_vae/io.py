@@ -378,6 +378,9 @@ def read_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
 
+SAMPLE_STREAM = 0x5A4D504C         # "ZMPL": the sampling keys' own random stream (`sample_rows`)
+
+
 def sample_rows(paths: Sequence[str | os.PathLike], max_rows: int | None, *, seed: int = 0,
                 batch_size: int = 65536,
                 check: Callable[[pa.RecordBatch, Location], None] | None = None,
@@ -385,16 +388,18 @@ def sample_rows(paths: Sequence[str | os.PathLike], max_rows: int | None, *, see
     """A uniform random sample of at most `max_rows` rows of all `paths`, streamed in record
     batches so memory tracks the sample, not the data; returns (sample in input order, rows read).
 
-    Bottom-k sampling: every row draws a key from `numpy.random.default_rng(seed)` in input
-    order and the rows with the `max_rows` smallest keys are kept, so the same files, seed and
-    `max_rows` give the same sample. With `max_rows=None` or fewer rows than `max_rows`,
+    Bottom-k sampling: every row draws a key in input order and the rows with the `max_rows`
+    smallest keys are kept, so the same files, seed and `max_rows` give the same sample. The
+    keys come from a stream of their own (`SAMPLE_STREAM` mixed into `seed`), not from
+    `default_rng(seed)`: data generated with `default_rng(seed)` (as `anomaly_vae.demo`
+    does) would otherwise be sampled by the very numbers that drew it (a biased sample). With `max_rows=None` or fewer rows than `max_rows`,
     every row is kept in order (the same table as `read_tables`). `check(batch, path)` sees
     every batch (e.g. to validate a label column in rows the sample leaves out). The files must
     have the same columns; DataError naming the file otherwise.
     """
     if max_rows is not None and max_rows < 1:
         raise DataError(f"max_rows must be positive, got {max_rows}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([SAMPLE_STREAM, seed])
     kept: list[pa.Table] = []
     keys: list[np.ndarray] = []
     n_kept, total, cut, names = 0, 0, np.inf, None
