@@ -392,10 +392,11 @@ def sample_rows(paths: Sequence[str | os.PathLike], max_rows: int | None, *, see
     smallest keys are kept, so the same files, seed and `max_rows` give the same sample. The
     keys come from a stream of their own (`SAMPLE_STREAM` mixed into `seed`), not from
     `default_rng(seed)`: data generated with `default_rng(seed)` (as `anomaly_vae.demo`
-    does) would otherwise be sampled by the very numbers that drew it (a biased sample). With `max_rows=None` or fewer rows than `max_rows`,
-    every row is kept in order (the same table as `read_tables`). `check(batch, path)` sees
-    every batch (e.g. to validate a label column in rows the sample leaves out). The files must
-    have the same columns; DataError naming the file otherwise.
+    does) would otherwise be sampled by the very numbers that drew it (a biased sample).
+    With `max_rows=None` or fewer rows than `max_rows`, every row is kept in order (the same
+    table as `read_tables`). `check(batch, path)` sees every batch (e.g. to validate a label
+    column in rows the sample leaves out). The files must have the same columns; DataError
+    naming the file otherwise.
     """
     if max_rows is not None and max_rows < 1:
         raise DataError(f"max_rows must be positive, got {max_rows}")
