@@ -180,6 +180,7 @@ class VAE(nn.Module):
         self._splits = [n_num, n_num, n_ind, len(cat_dims)]
         # homoscedastic option: one learned variance per numeric feature, independent of z
         self.feature_raw_var = nn.Parameter(torch.zeros(n_num)) if not heteroscedastic else None
+        self._layouts: dict[tuple, ColumnLayout] = {}    # `_layout`: per (owner, columns, device)
 
     @classmethod
     def from_config(cls, pre: Preprocessor, config: Config) -> "VAE":
@@ -211,10 +212,9 @@ class VAE(nn.Module):
     def _layout(self, owner: np.ndarray, n_columns: int, device: torch.device) -> ColumnLayout:
         """`ColumnLayout.build`, kept per (owner, columns, device): it was rebuilt per batch."""
         key = (np.asarray(owner, dtype=np.int64).tobytes(), n_columns, str(device))
-        cache = self.__dict__.setdefault("_layouts", {})
-        if key not in cache:
-            cache[key] = ColumnLayout.build(self, owner, n_columns, device)
-        return cache[key]
+        if key not in self._layouts:
+            self._layouts[key] = ColumnLayout.build(self, owner, n_columns, device)
+        return self._layouts[key]
 
     def _eval(self) -> None:
         """`eval()` unless already in eval mode (`train`/`eval` set every submodule; walking
