@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .model import VAE, DecoderParams, kl_divergence
+from .model import VAE, DecoderParams, kl_divergence, lane_chunk, pad_rows
 
 
 def hidden_per_mask(n_columns: int, mask_fraction: float) -> int:
@@ -119,19 +119,20 @@ class MaskedVAE(VAE):
         kl_out = np.empty(len(X), dtype=np.float32)
         params_out = [] if return_params else None
         n_num = self._splits[0]
-        for i in range(0, len(X), max(1, batch_size // n_masks)):
-            x = torch.from_numpy(np.ascontiguousarray(X[i:i + max(1, batch_size // n_masks)])).to(device)
-            m = len(x)
+        chunk = lane_chunk(batch_size // n_masks)
+        for i in range(0, len(X), chunk):
+            x = pad_rows(torch.from_numpy(np.ascontiguousarray(X[i:i + chunk])).to(device))
+            m, real = len(x), len(X[i:i + chunk])
             xs = x.repeat(n_masks, 1)
             hidden = masks.repeat_interleave(m, dim=0)
             mu, logvar = self.encode(xs, hidden)
             params = self.decode(mu)
             w = dim_weight.repeat_interleave(m, dim=0)               # (M * m, n_dims)
             nll = (self.dim_nll(xs, params) * w).view(n_masks, m, -1).sum(0)
-            nll_out[i:i + m] = nll.cpu().numpy()
-            kl_out[i:i + m] = kl_divergence(mu, logvar).sum(1).view(n_masks, m).mean(0).cpu().numpy()
+            nll_out[i:i + real] = nll[:real].cpu().numpy()
+            kl_out[i:i + real] = kl_divergence(mu, logvar).sum(1).view(n_masks, m).mean(0)[:real].cpu().numpy()
             if return_params:
-                params_out.append(self._params_per_column(params, w, n_masks, m, n_num))
+                params_out.append([p[:real] for p in self._params_per_column(params, w, n_masks, m, n_num)])
         if not return_params:
             return nll_out, kl_out
         joined = [np.concatenate([p[j] for p in params_out]) if params_out else

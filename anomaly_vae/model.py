@@ -16,6 +16,24 @@ from .preprocess import Preprocessor
 
 LOG_2PI = math.log(2 * math.pi)
 ACTIVATION_BYTES = 2 << 20      # a scoring pass's widest activations: about one core's L2 (`score_block`)
+LANE_ROWS = 64                  # scoring blocks are padded to a multiple of this many rows (`pad_rows`)
+
+
+def pad_rows(t: torch.Tensor, multiple: int = LANE_ROWS) -> torch.Tensor:
+    """`t` with its first row repeated at the end up to a multiple of `multiple` rows.
+
+    torch's CPU kernels run the tail of a vectorised loop (exp, log, softplus, logsumexp)
+    through scalar code, whose last bits differ from the vector code's. With whole vectors
+    only, a row's scores do not depend on the rows it is scored with: the same bits alone, in
+    a pool of small files, with any --batch-size or on Spark. Callers drop the extra rows."""
+    pad = -len(t) % multiple
+    return t if pad == 0 or len(t) == 0 else torch.cat([t, t[:1].expand(pad, *t.shape[1:])])
+
+
+def lane_chunk(rows: int) -> int:
+    """`rows` rounded down to a multiple of LANE_ROWS (at least LANE_ROWS): a chunk size whose
+    blocks need no padding."""
+    return max(LANE_ROWS, rows // LANE_ROWS * LANE_ROWS)
 
 
 def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -289,15 +307,16 @@ class VAE(nn.Module):
         widths = [self._splits[0], self._splits[1], self._splits[2], self._splits[3]]
         params_out = DecoderParams(*(np.empty((len(X), w), dtype=np.float32) for w in widths)) \
             if return_params else None
-        for i in range(0, len(X), batch_size):
-            x = torch.from_numpy(X[i:i + batch_size])
+        for i in range(0, len(X), lane_chunk(batch_size)):
+            x = torch.from_numpy(X[i:i + lane_chunk(batch_size)])
+            m, x = len(x), pad_rows(x)
             mu, logvar = self.encode(x)
             params = self.decode(mu)
-            nll_out[i:i + len(x)] = self.dim_nll(x, params).numpy()
-            kl_out[i:i + len(x)] = kl_divergence(mu, logvar).sum(1).numpy()
+            nll_out[i:i + m] = self.dim_nll(x, params)[:m].numpy()
+            kl_out[i:i + m] = kl_divergence(mu, logvar).sum(1)[:m].numpy()
             if params_out is not None:
                 for out, p in zip(params_out, params):
-                    out[i:i + len(x)] = p.numpy()
+                    out[i:i + m] = p[:m].numpy()
         return (nll_out, kl_out) if params_out is None else (nll_out, kl_out, params_out)
 
     @torch.no_grad()
@@ -306,9 +325,10 @@ class VAE(nn.Module):
         them, without the likelihood terms (what explanations read expected values from)."""
         self._eval()
         out = DecoderParams(*(np.empty((len(X), w), dtype=np.float32) for w in self._splits))
-        for i in range(0, len(X), batch_size):
-            for o, p in zip(out, self.decode(self.encode(torch.from_numpy(X[i:i + batch_size]))[0])):
-                o[i:i + len(p)] = p.numpy()
+        for i in range(0, len(X), lane_chunk(batch_size)):
+            x = torch.from_numpy(X[i:i + lane_chunk(batch_size)])
+            for o, p in zip(out, self.decode(self.encode(pad_rows(x))[0])):
+                o[i:i + len(x)] = p[:len(x)].numpy()
         return out
 
     def column_nll(self, x: torch.Tensor, params: tuple[torch.Tensor, ...],
@@ -473,7 +493,7 @@ class VAE(nn.Module):
         self._eval()
         device = torch.device(device)
         dtype = scoring_dtype(precision, device)
-        batch_size = batch_size or self.score_block(dtype)
+        batch_size = lane_chunk(batch_size or self.score_block(dtype))
         layout = self._layout(owner, n_columns, device)
         col_out = np.empty((len(X), n_columns), dtype=np.float32)
         kl_out = np.empty(len(X), dtype=np.float32)
@@ -483,10 +503,10 @@ class VAE(nn.Module):
             for i in range(0, len(X), batch_size):
                 sl = slice(i, i + batch_size)
                 if compact:
-                    head = torch.from_numpy(X.head[sl]).to(device)
-                    codes = torch.from_numpy(X.codes[sl]).to(device), None
+                    head = pad_rows(torch.from_numpy(X.head[sl]).to(device))
+                    codes = pad_rows(torch.from_numpy(X.codes[sl]).to(device)), None
                 else:
-                    x = torch.from_numpy(X[sl]).to(device)
+                    x = pad_rows(torch.from_numpy(X[sl]).to(device))
                     codes = self._one_hot_codes(x)
                     head = x[:, :self._cat_start]
                     if codes is not None and bool(codes[1].eq(1.0).all()):
@@ -498,8 +518,9 @@ class VAE(nn.Module):
                         mu, logvar = self.encode(x)
                         params = self.decode(mu)
                     col, kl = self.column_nll(x, params, layout), kl_divergence(mu.float(), logvar.float()).sum(1)
-                col_out[sl] = col.cpu().numpy()
-                kl_out[sl] = kl.cpu().numpy()
+                m = len(kl_out[sl])
+                col_out[sl] = col[:m].cpu().numpy()
+                kl_out[sl] = kl[:m].cpu().numpy()
         return col_out, kl_out
 
     @torch.no_grad()
@@ -539,17 +560,17 @@ class VAE(nn.Module):
             X = X.dense()
         n_cols = len(column_dims)
         out = np.zeros((len(X), n_cols), dtype=np.float64)
-        chunk = max(1, max_cells // max(1, (n_cols + 1) * self.n_dims))
+        chunk = lane_chunk(max_cells // max(1, (n_cols + 1) * self.n_dims))
         typ = torch.from_numpy(np.asarray(typical, dtype=np.float32))
         for i in range(0, len(X), chunk):
-            x = torch.from_numpy(X[i:i + chunk])
-            m = len(x)
+            x = pad_rows(torch.from_numpy(X[i:i + chunk]))
+            m, real = len(x), len(X[i:i + chunk])
             batch = x.repeat(n_cols + 1, 1)
             for j, dims in enumerate(column_dims, start=1):
                 idx = torch.as_tensor(dims, dtype=torch.long)
                 batch[j * m:(j + 1) * m, idx] = typ[idx]
             kl = kl_divergence(*self.encode_rows(batch, dtype)).sum(1).view(n_cols + 1, m)
-            out[i:i + m] = (kl[0] - kl[1:]).clamp_min(0.0).T.double().numpy()
+            out[i:i + real] = (kl[0] - kl[1:]).clamp_min(0.0).T[:real].double().numpy()
         return out
 
     def _compact_occluders(self, column_dims: list[np.ndarray], typical: np.ndarray
@@ -575,12 +596,14 @@ class VAE(nn.Module):
                               dtype: torch.dtype) -> np.ndarray:
         n_cols = len(occluders)
         out = np.zeros((len(X), n_cols), dtype=np.float64)
-        chunk = max(1, min(max_cells // max(1, (n_cols + 1) * (X.head.shape[1] + X.codes.shape[1])),
-                           16384 // (n_cols + 1)))          # <= 16k encoder rows a pass: cache-sized
+        chunk = lane_chunk(min(max_cells // max(1, (n_cols + 1) * (X.head.shape[1] + X.codes.shape[1])),
+                               16384 // (n_cols + 1)))      # <= ~16k encoder rows a pass: cache-sized
         typ = torch.from_numpy(np.asarray(typical, dtype=np.float32))
         with torch.inference_mode():
             for i in range(0, len(X), chunk):
                 head, codes = torch.from_numpy(X.head[i:i + chunk]), torch.from_numpy(X.codes[i:i + chunk])
+                real = len(head)
+                head, codes = pad_rows(head), pad_rows(codes)
                 m = len(head)
                 head, codes = head.repeat(n_cols + 1, 1), codes.repeat(n_cols + 1, 1)
                 for j, (dims, blocks) in enumerate(occluders, start=1):
@@ -592,7 +615,7 @@ class VAE(nn.Module):
                         codes[rows, block] = dim
                 mu, logvar = self._encode_pass(head, codes, None, dtype)
                 kl = kl_divergence(mu.float(), logvar.float()).sum(1).view(n_cols + 1, m)
-                out[i:i + m] = (kl[0] - kl[1:]).clamp_min(0.0).T.double().numpy()
+                out[i:i + real] = (kl[0] - kl[1:]).clamp_min(0.0).T[:real].double().numpy()
         return out
 
     @torch.no_grad()
