@@ -461,3 +461,78 @@ def test_string_categoricals_are_read_as_dictionaries_with_the_same_scores(tmp_p
     assert out.equals(pa.Table.from_batches(expected).cast(out.schema))
     assert {k: v.values for k, v in streamed.features.items() if v.kind == "categorical"} == \
         {k: v.values for k, v in plain.features.items() if v.kind == "categorical"}
+
+
+def _alone(fitted, files, out):
+    """Each file scored on its own (score_file): {name: table}."""
+    for f in files:
+        batch.score_file(fitted, f, out / batch.output_path(f, out).name)
+    return {p.name: pq.read_table(p) for p in sorted(out.glob("*.scored.parquet"))}
+
+
+def test_small_files_are_scored_in_pools_with_the_bits_of_each_file_alone(tmp_path, fitted, scored_rows,
+                                                                         monkeypatch):
+    """Small inputs (what a stream's sink leaves) are read and scored together, a batch's fixed
+    cost shared; each output, entry and hook call is still the file's own, with the same bits
+    as the file scored alone. A file of another schema starts a new pool; a file changed after
+    its pool read it is read and scored again; a bad file fails alone."""
+    ind = tmp_path / "in"
+    ind.mkdir()
+    rows = scored_rows.assign(amount=scored_rows["amount"].astype(str))    # cast when scored
+    for i in range(14):
+        rows.iloc[i * 50:(i + 1) * 50].to_parquet(ind / f"part-{i:02d}.parquet", index=False)
+    rows.iloc[:30].assign(extra=1.5).to_parquet(ind / "part-05.parquet", index=False)  # another schema
+    bad = rows.iloc[100:150].copy()
+    bad.loc[bad.index[7], "amount"] = "twelve"                              # same schema, bad value
+    bad.to_parquet(ind / "part-02.parquet", index=False)
+    inputs = io.expand_inputs([ind])
+    calls = []
+    sliced = batch._score_sliced
+    monkeypatch.setattr(batch, "_score_sliced", lambda *a, **k: calls.append(a[1].num_rows) or sliced(*a, **k))
+    changed = rows.iloc[600:640]
+
+    def on_input(src, status):                   # part-12 changes after its pool has read it
+        events.append((Path(src).name, status))
+        if Path(src).name == "part-10.parquet":
+            changed.to_parquet(ind / "part-12.parquet", index=False)
+    events, batches = [], {}
+    res = batch.score_files(fitted, inputs, tmp_path / "out", keep_going=True, on_input=on_input,
+                            on_batch=lambda src, b, s: batches.setdefault(Path(src).name, []).append(
+                                (b.column("row_id").to_pylist(), s.column("row_id").to_pylist())))
+    assert res["summary"]["scored"] == 13 and res["summary"]["failed"] == 1
+    failure = res["summary"]["failures"][0]
+    assert "part-02.parquet (rows 0-49)" in failure and "'amount'" in failure and "twelve" in failure
+    assert events == [(f"part-{i:02d}.parquet", "failed" if i == 2 else "done") for i in range(14)]
+    # the pool 00-04 fails (02), so its files are scored one by one; 05 (its own schema) alone;
+    # the pool 06-13, then 12 alone (changed)
+    assert calls == [250, 50, 50, 50, 50, 50, 30, 400, 40], calls
+    for name, seen in batches.items():
+        ids = pd.read_parquet(ind / name)["row_id"].tolist()
+        if name != "part-02.parquet":
+            assert seen == [(ids, ids)], name     # one call, the file's own rows in order
+    monkeypatch.setattr(batch, "_score_sliced", sliced)
+    got = {p.name: pq.read_table(p) for p in sorted((tmp_path / "out").glob("*.scored.parquet"))}
+    alone = _alone(fitted, [f for f in inputs if Path(f).name != "part-02.parquet"], tmp_path / "alone")
+    assert sorted(got) == sorted(alone) and len(got) == 13
+    for name, table in alone.items():
+        assert got[name].equals(table), name
+    assert got["part-12.scored.parquet"].column("row_id").to_pylist() == changed["row_id"].tolist()
+    files = res["files"]
+    assert [files[io.canonical(f)]["rows_out"] for f in inputs if Path(f).name != "part-02.parquet"] == \
+        [got[batch.output_path(f, tmp_path).name].num_rows for f in inputs if Path(f).name != "part-02.parquet"]
+
+
+def test_pooled_run_resumed_skips_the_done_inputs_and_pools_the_rest(tmp_path, fitted, scored_rows):
+    ind = tmp_path / "in"
+    ind.mkdir()
+    for i in range(7):
+        scored_rows.iloc[i * 100:(i + 1) * 100].to_parquet(ind / f"p{i}.parquet", index=False)
+    inputs = io.expand_inputs([ind])
+    out = tmp_path / "out"
+    batch.score_files(fitted, [inputs[1], inputs[4]], out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.scored.parquet")}
+    res = batch.score_files(fitted, inputs, out, resume=True)
+    assert res["summary"]["skipped"] == 2 and res["summary"]["scored"] == 5
+    assert {n: (out / n).stat().st_mtime_ns for n in before} == before
+    alone = _alone(fitted, inputs, tmp_path / "alone")
+    assert all(pq.read_table(out / n).equals(t) for n, t in alone.items())

@@ -20,7 +20,8 @@ from .state import State, _mlflow_options, _model_option, pass_state
 @click.option("--keep", type=click.Choice(["ids", "all"]), default="ids", show_default=True,
               help="Pass through the model's id columns, or every input column.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32768, show_default=True,
-              help="Rows per record batch (memory grows with it).")
+              help="Rows per record batch (memory grows with it); small files are scored together "
+                   "up to this many rows.")
 @click.option("--resume", is_flag=True, help="Skip inputs the manifest marks done (after an interrupted run).")
 @click.option("--keep-going", "-k", is_flag=True,
               help="On an input with bad data, record it as failed and score the others; exit 2 at the end.")
