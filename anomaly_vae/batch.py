@@ -87,14 +87,15 @@ def output_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     return targets
 
 
-def _plan_columns(det: "VAEAnomalyDetector", src: io.Location, keep: str, *, quiet: bool = False
-                  ) -> tuple[pa.Schema, list[str], list[str], list[str]]:
+def _plan_columns(det: "VAEAnomalyDetector", src: io.Location, keep: str, *, quiet: bool = False,
+                  schema: pa.Schema | None = None) -> tuple[pa.Schema, list[str], list[str], list[str]]:
     """Check the input's columns against the model; return (input schema, columns to read,
     pass-through columns, warnings). A model id column missing from the input is a warning
-    (logged unless `quiet`, and returned), not an error: the rows are still scored, in input order."""
+    (logged unless `quiet`, and returned), not an error: the rows are still scored, in input order.
+    `schema`: the input's, when the caller has read it."""
     if keep not in ("ids", "all"):
         raise DataError(f"keep must be 'ids' or 'all', got {keep!r}")
-    schema = input_schema(src)
+    schema = schema if schema is not None else input_schema(src)
     names = schema.names
     features = [c.name for c in det.schema_.features]
     missing = [c for c in features if c not in names]
@@ -238,7 +239,8 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
     if io.canonical(src) == io.canonical(dst):
         raise DataError(f"{src}: output path is the input file")
     t0 = time.perf_counter()
-    in_schema, read_cols, passthrough, warnings = _plan_columns(det, src, keep)
+    in_schema, read_cols, passthrough, warnings = _plan_columns(
+        det, src, keep, schema=pooled.schema if pooled is not None else None)
     features = [c.name for c in det.schema_.features]
     # CSV: numeric features read as float64 throughout (no int -> float surprises mid-file)
     csv_types = {c.name: pa.float64() for c in det.schema_.features if c.kind == "numeric"}
@@ -316,8 +318,9 @@ def score_file(det: "VAEAnomalyDetector", src: str | os.PathLike, dst: str | os.
 
 @dataclass(frozen=True)
 class Pooled:
-    """One file's share of a pool (`score_pool`): its rows as read, their scores, the file's
-    fingerprint when it was read, and its share of the pool's seconds."""
+    """One file's share of a pool (`score_pool`): its schema, its rows as read, their scores,
+    the file's fingerprint when it was read, and its share of the pool's seconds."""
+    schema: pa.Schema
     batch: pa.RecordBatch
     scored: pa.RecordBatch
     fingerprint: dict[str, Any]
@@ -342,29 +345,28 @@ def score_pool(det: "VAEAnomalyDetector", candidates: Iterator[tuple[int, io.Loc
     if det.config_.score_method == "iwae":
         return {}, None
     t0 = time.perf_counter()
-    taken: list[tuple[int, pa.RecordBatch, dict[str, Any]]] = []
+    taken: list[tuple[int, tuple[pa.Schema, pa.RecordBatch], dict[str, Any]]] = []
     rows, first, stop, head = 0, None, None, None
+    def columns(schema: pa.Schema) -> list[str] | None:
+        """The columns to read, if the file joins the pool (the first file's schema)."""
+        nonlocal first
+        plan = _plan_columns(det, src, keep, quiet=True, schema=schema)
+        if first is None:
+            first = plan
+        return plan[1] if plan[0] == first[0] and plan[1:3] == first[1:3] else None
+
     for index, src in _until_error(candidates):
         head = index if head is None else head
         try:
-            n = count_rows(src)
-            if not n or rows + n > batch_size:
-                stop = index
-                break
-            plan = _plan_columns(det, src, keep, quiet=True)
-            if first is None:
-                first = plan
-            elif plan[0] != first[0] or plan[1:3] != first[1:3]:
-                stop = index
-                break
             fingerprint = _fingerprint(src)
-            parts = list(iter_batches(src, batch_size, columns=first[1],
-                                      dictionary=_dictionary_columns(det, first[0], first[2])))
-            taken.append((index, pa.concat_batches(parts), fingerprint))
+            read = io.read_small_parquet(src, batch_size - rows, columns)
         except Exception:  # noqa: BLE001 - this file is scored (and its error reported) on its own
+            read = None
+        if read is None:
             stop = index
             break
-        rows += n
+        taken.append((index, read, fingerprint))
+        rows += read[1].num_rows
     if not taken:
         return {}, None if head is None else head + 1
     if len(taken) < 2:
@@ -372,7 +374,7 @@ def score_pool(det: "VAEAnomalyDetector", candidates: Iterator[tuple[int, io.Loc
     in_schema, _, passthrough, _ = first
     out_schema = output_schema(in_schema, passthrough)
     try:
-        whole = pa.concat_batches([b for _, b, _ in taken])
+        whole = pa.concat_batches([b for _, (_, b), _ in taken])
         workers = max(1, min(workers or io.cpu_count(), rows // MIN_SHARE_ROWS))
         share = -(-rows // workers)
         scored = pa.concat_batches(list(parallel_map(
@@ -384,8 +386,8 @@ def score_pool(det: "VAEAnomalyDetector", candidates: Iterator[tuple[int, io.Loc
         return {}, stop
     seconds = time.perf_counter() - t0
     out, offset = {}, 0
-    for index, b, fingerprint in taken:
-        out[index] = Pooled(b, scored.slice(offset, b.num_rows), fingerprint, seconds * b.num_rows / rows)
+    for index, (schema, b), fingerprint in taken:
+        out[index] = Pooled(schema, b, scored.slice(offset, b.num_rows), fingerprint, seconds * b.num_rows / rows)
         offset += b.num_rows
     return out, stop
 

@@ -468,6 +468,31 @@ def input_schema(path: str | os.PathLike) -> pa.Schema:
     return schema
 
 
+def read_small_parquet(path: str | os.PathLike, max_rows: int,
+                       columns: Callable[[pa.Schema], Sequence[str] | None]
+                       ) -> tuple[pa.Schema, pa.RecordBatch] | None:
+    """A parquet file of 1 to `max_rows` rows as (its schema, one record batch of the
+    `columns(schema)` it names), from one open of the file (one footer read: on object stores,
+    requests cost more than bytes); None for CSV, an empty or a bigger file, or when
+    `columns` returns None. Read errors raise DataError naming the file."""
+    path = location(path)
+    if _is_csv(path):
+        return None
+    try:
+        src, kw = _source(path)
+        with pq.ParquetFile(src, **kw) as pf:
+            n, schema = pf.metadata.num_rows, pf.schema_arrow
+            _check_unique_columns(path, schema.names)
+            cols = columns(schema) if 0 < n <= max_rows else None
+            if cols is None:
+                return None
+            return schema, pf.read(columns=list(cols), use_threads=False).combine_chunks().to_batches()[0]
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such file") from exc
+    except _ARROW_ERRORS as exc:
+        raise _read_error(path, exc) from exc
+
+
 def count_rows(path: str | os.PathLike) -> int | None:
     """Row count from parquet metadata (None for CSV or unreadable files)."""
     if _is_csv(path):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from anomaly_vae import io
@@ -246,3 +248,21 @@ def test_use_system_memory_pool_unless_the_environment_chooses(env, backend):
             "print(b, pa.default_memory_pool().backend_name, pa.array([1, 2]).buffers()[1] is not None)")
     out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [backend, backend, "True"]
+
+
+def test_read_small_parquet_reads_one_file_whole_or_says_no(tmp_path):
+    t = pa.table({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+    pq.write_table(t, tmp_path / "t.parquet")
+    pq.write_table(t.slice(0, 0), tmp_path / "empty.parquet")
+    t.to_pandas().to_csv(tmp_path / "t.csv", index=False)
+    seen = []
+    schema, got = io.read_small_parquet(tmp_path / "t.parquet", 3, lambda s: seen.append(s) or ["b"])
+    assert seen == [schema] and schema.names == ["a", "b"]
+    assert got.num_rows == 3 and got.schema.names == ["b"] and got.column(0).to_pylist() == ["x", "y", "z"]
+    assert io.read_small_parquet(tmp_path / "t.parquet", 2, lambda s: ["b"]) is None       # too many rows
+    assert io.read_small_parquet(tmp_path / "t.parquet", 3, lambda s: None) is None       # refused
+    assert io.read_small_parquet(tmp_path / "empty.parquet", 3, lambda s: ["a"]) is None
+    assert io.read_small_parquet(tmp_path / "t.csv", 3, lambda s: ["a"]) is None
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="bad.parquet"):
+        io.read_small_parquet(tmp_path / "bad.parquet", 3, lambda s: ["a"])
