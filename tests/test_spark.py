@@ -75,10 +75,10 @@ def _assert_same(got: pd.DataFrame, want: pd.DataFrame) -> None:
     got = got.sort_values("row_id").reset_index(drop=True)
     want = want.sort_values("row_id").reset_index(drop=True)
     assert got["row_id"].tolist() == want["row_id"].tolist()
-    for c in ("anomaly_score", "recon_nll", "kl", "p_value"):
-        np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-5, atol=1e-6)
-    assert (got["is_anomaly"] == want["is_anomaly"]).all()
-    assert (got["top_features"] == want["top_features"]).mean() > 0.99
+    # the same bits: a row's scores do not depend on the Arrow batch Spark puts it in (model.pad_rows)
+    for c in ("anomaly_score", "recon_nll", "kl", "p_value", "is_anomaly", "top_features"):
+        assert got[c].tolist() == want[c].tolist(), c
+    assert [list(e) for e in got["explanation"]] == [list(e) for e in want["explanation"]]
 
 
 def test_spark_scores_equal_the_library(spark, lake, fitted, model_dir, tmp_path):
