@@ -7,6 +7,7 @@ the model and every input's outcome and makes a run resumable.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -347,8 +348,9 @@ def score_pool(det: "VAEAnomalyDetector", candidates: Iterator[tuple[int, io.Loc
     t0 = time.perf_counter()
     taken: list[tuple[int, tuple[pa.Schema, pa.RecordBatch], dict[str, Any]]] = []
     rows, first, stop, head = 0, None, None, None
-    def columns(schema: pa.Schema) -> list[str] | None:
-        """The columns to read, if the file joins the pool (the first file's schema)."""
+
+    def columns(src: io.Location, schema: pa.Schema) -> list[str] | None:
+        """The columns to read from `src`, if it joins the pool (the first file's schema)."""
         nonlocal first
         plan = _plan_columns(det, src, keep, quiet=True, schema=schema)
         if first is None:
@@ -359,7 +361,7 @@ def score_pool(det: "VAEAnomalyDetector", candidates: Iterator[tuple[int, io.Loc
         head = index if head is None else head
         try:
             fingerprint = _fingerprint(src)
-            read = io.read_small_parquet(src, batch_size - rows, columns)
+            read = io.read_small_parquet(src, batch_size - rows, functools.partial(columns, src))
         except Exception:  # noqa: BLE001 - this file is scored (and its error reported) on its own
             read = None
         if read is None:
