@@ -1,6 +1,8 @@
 """The child process of a scoring run: `python -m anomaly_vae.scoring_child`, started by
 `scoring_runs.ScoringRun.start`. It runs the `scoring_runs.RunWriter` (MLflow, pandas,
 matplotlib; never torch) beside the scoring process, with its own interpreter and GIL.
+matplotlib is imported once the run is open, if the results have not come yet (a short run's
+scoring process draws the figures itself while this one opens the run).
 
 Protocol (messages of `scoring_runs.send`; stdin from the scoring process, replies on the
 original stdout, which is moved away from fd 1 so that nothing else can write into it):
@@ -101,6 +103,11 @@ def main() -> int:
     reply(opened)
     if "ok" not in opened:
         return 1
+    if incoming.empty():                # scoring goes on: import what drawing the figures needs
+        try:
+            from . import drift, plots  # noqa: F401
+        except Exception:  # noqa: BLE001 - `end` imports them again and reports the error
+            pass
     results = incoming.get()
     if results is None:
         log.warning("scoring run %s: %s; ending it FAILED", writer.run_id, ABANDONED)

@@ -416,3 +416,10 @@ def test_background_false_runs_the_same_writer_in_process(env, tmp_path):
     assert logged.data.metrics["rows"] == metrics["rows"] == 1200
     assert _artifacts(env.client, run.run_id, "drift") == ["drift/drift.csv", "drift/drift.json", "drift/psi.png"]
     assert run.ui().endswith(f"/#/experiments/{env.exp_id}/runs/{run.run_id}?workflowType=machine_learning")
+    # the writer drew the figures itself; a short run's scoring process draws the same bytes
+    from anomaly_vae.scoring_runs import draw_figures
+
+    drawn = draw_figures(run.results("FINISHED", result["summary"], None)["artifacts"])
+    for name, png in drawn.items():
+        local = env.client.download_artifacts(run.run_id, name, str(tmp_path / "dl"))
+        assert png.startswith(b"\x89PNG") and Path(local).read_bytes() == png, name
