@@ -387,6 +387,8 @@ def score_pool(det: "VAEAnomalyDetector", candidates: Iterator[tuple[int, io.Loc
         log.debug("a pool of %d small inputs failed; scoring them one by one", len(taken), exc_info=True)
         return {}, stop
     seconds = time.perf_counter() - t0
+    log.debug("scored inputs %d-%d (%d small files, %d rows) as one pool in %.3f s",
+              taken[0][0] + 1, taken[-1][0] + 1, len(taken), rows, seconds)
     out, offset = {}, 0
     for index, (schema, b), fingerprint in taken:
         out[index] = Pooled(schema, b, scored.slice(offset, b.num_rows), fingerprint, seconds * b.num_rows / rows)
