@@ -307,8 +307,9 @@ class VAE(nn.Module):
         widths = [self._splits[0], self._splits[1], self._splits[2], self._splits[3]]
         params_out = DecoderParams(*(np.empty((len(X), w), dtype=np.float32) for w in widths)) \
             if return_params else None
-        for i in range(0, len(X), lane_chunk(batch_size)):
-            x = torch.from_numpy(X[i:i + lane_chunk(batch_size)])
+        step = lane_chunk(batch_size)
+        for i in range(0, len(X), step):
+            x = torch.from_numpy(X[i:i + step])
             m, x = len(x), pad_rows(x)
             mu, logvar = self.encode(x)
             params = self.decode(mu)
@@ -325,8 +326,9 @@ class VAE(nn.Module):
         them, without the likelihood terms (what explanations read expected values from)."""
         self._eval()
         out = DecoderParams(*(np.empty((len(X), w), dtype=np.float32) for w in self._splits))
-        for i in range(0, len(X), lane_chunk(batch_size)):
-            x = torch.from_numpy(X[i:i + lane_chunk(batch_size)])
+        step = lane_chunk(batch_size)
+        for i in range(0, len(X), step):
+            x = torch.from_numpy(X[i:i + step])
             for o, p in zip(out, self.decode(self.encode(pad_rows(x))[0])):
                 o[i:i + len(x)] = p[:len(x)].numpy()
         return out

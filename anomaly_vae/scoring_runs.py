@@ -9,13 +9,14 @@ The MLflow side is a `RunWriter`. It runs in a child process (`anomaly_vae.scori
 started with ``python -m``: no torch, its own GIL), so importing MLflow and opening the store
 never slow the scoring down; the scoring process only gathers the statistics. The figures are
 drawn once scoring is over: by the child, or, when the child is still opening the run (a
-short run), by the scoring process meanwhile (`ScoringRun._end`). `score` starts that child before it loads the model (`prepare_child`: MLflow is
-imported and the store opened on the CPU the loading leaves idle, about 3 s) and `start` sends
-it the run to open; without a prepared child, `start` starts one. `finish` / `fail` send the
-results and wait for the child to have ended the run (at most END_TIMEOUT seconds). If the
-scoring process dies (SIGKILL, OOM killer) the child reads end-of-file instead of the results
-and ends the run FAILED (ABANDONED). With ``background=False`` the same `RunWriter` runs
-in-process (e.g. for tests of timing).
+short run), by the scoring process meanwhile (`ScoringRun._end`). `score` starts that child
+before it loads the model (`prepare_child`: MLflow is imported and the store opened on the CPU
+the loading leaves idle, about 3 s) and `start` sends it the run to open; without a prepared
+child, `start` starts one. `finish` / `fail` send the results and wait for the child to have
+ended the run (at most END_TIMEOUT seconds). If the scoring process dies (SIGKILL, OOM
+killer) the child reads end-of-file instead of the results and ends the run FAILED
+(ABANDONED). With ``background=False`` the same `RunWriter` runs in-process (e.g. for tests of
+timing).
 
 The run goes to the experiment of the model's training run (from the registered version or
 the run of a runs:/ or models:/<model_id> URI), else to the named experiment; tag
