@@ -14,6 +14,7 @@ output. Batch scoring on top of this lives in `batch.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import fnmatch
 import functools
@@ -309,6 +310,18 @@ def _source(path: Location, stream: bool = False) -> tuple[str | pa.NativeFile, 
     return (fs.open_input_stream(p), {}) if stream else (p, {"filesystem": fs})
 
 
+@contextlib.contextmanager
+def _reading(path: Location) -> Iterator[None]:
+    """Read errors inside as DataError naming `path`: missing file, or what pyarrow raised
+    (`_read_error`: the column too, for CSV conversion errors)."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such file") from exc
+    except _ARROW_ERRORS as exc:
+        raise _read_error(path, exc) from exc
+
+
 def _read_error(path: Location, exc: BaseException) -> DataError:
     """DataError naming the file, and for CSV conversion errors the column by name."""
     msg = _one_line(exc)
@@ -351,7 +364,7 @@ def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) ->
     """Read a whole parquet or CSV file into a DataFrame; DataError naming the file on failure."""
     path = location(path)
     input_schema(path)                     # duplicate column names -> DataError naming them
-    try:
+    with _reading(path):
         if _is_csv(path):
             table = pacsv.read_csv(_source(path, stream=True)[0], convert_options=pacsv.ConvertOptions(
                 include_columns=list(columns) if columns else None))
@@ -359,10 +372,6 @@ def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) ->
             src, kw = _source(path)
             table = pq.read_table(src, columns=list(columns) if columns else None, **kw)
         return table.to_pandas()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such file") from exc
-    except _ARROW_ERRORS as exc:
-        raise _read_error(path, exc) from exc
 
 
 def read_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
@@ -453,17 +462,13 @@ def input_schema(path: str | os.PathLike) -> pa.Schema:
     DataError naming the file when it cannot be read or has duplicate column names.
     """
     path = location(path)
-    try:
+    with _reading(path):
         if _is_csv(path):
             with pacsv.open_csv(_source(path, stream=True)[0]) as reader:
                 schema = reader.schema
         else:
             src, kw = _source(path)
             schema = pq.read_schema(src, **kw)
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such file") from exc
-    except _ARROW_ERRORS as exc:
-        raise _read_error(path, exc) from exc
     _check_unique_columns(path, schema.names)
     return schema
 
@@ -478,7 +483,7 @@ def read_small_parquet(path: str | os.PathLike, max_rows: int,
     path = location(path)
     if _is_csv(path):
         return None
-    try:
+    with _reading(path):
         src, kw = _source(path)
         with pq.ParquetFile(src, **kw) as pf:
             n, schema = pf.metadata.num_rows, pf.schema_arrow
@@ -487,10 +492,6 @@ def read_small_parquet(path: str | os.PathLike, max_rows: int,
             if cols is None:
                 return None
             return schema, pf.read(columns=list(cols), use_threads=False).combine_chunks().to_batches()[0]
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such file") from exc
-    except _ARROW_ERRORS as exc:
-        raise _read_error(path, exc) from exc
 
 
 def count_rows(path: str | os.PathLike) -> int | None:
@@ -519,7 +520,7 @@ def iter_batches(path: str | os.PathLike, batch_size: int = 65536,
     path = location(path)
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")
-    try:
+    with _reading(path):
         if _is_csv(path):
             opts = pacsv.ConvertOptions(include_columns=list(columns) if columns else None,
                                         column_types=column_types or None)
@@ -536,10 +537,6 @@ def iter_batches(path: str | os.PathLike, batch_size: int = 65536,
                 cols = list(columns) if columns is not None else None
                 for rg in range(pf.metadata.num_row_groups):
                     yield from pf.iter_batches(batch_size=batch_size, row_groups=[rg], columns=cols)
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such file") from exc
-    except _ARROW_ERRORS as exc:
-        raise _read_error(path, exc) from exc
 
 
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
