@@ -623,7 +623,9 @@ def use_system_memory_pool() -> str:
     scoring, which allocates and frees the same few MB per batch: pyarrow's default, mimalloc,
     hands freed pages back to the OS and faults them in again. Measured (wide benchmark table,
     `score --no-mlflow`, 2 workers): 10M rows 44.3 s with the system pool, 50.9 s mimalloc,
-    48.7 s jemalloc; kernel time 5.4 vs 10.1 s; peak RSS 614 vs 665 MB."""
+    48.7 s jemalloc; kernel time 5.4 vs 10.1 s; peak RSS 614 vs 665 MB. This sets pyarrow's
+    default only: the console script also sets the variable before pyarrow is imported, so that
+    Arrow's C++ code allocates with malloc too (`cli._choose_arrow_allocator`)."""
     if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         pa.set_memory_pool(pa.system_memory_pool())
     return pa.default_memory_pool().backend_name

@@ -527,3 +527,30 @@ def test_entry_point_exits_quickly_with_the_commands_status_and_runs_atexit(tmp_
         assert "version" in proc.stdout
     else:
         assert "Error" in proc.stderr or "Usage" in proc.stderr
+
+
+@pytest.mark.parametrize("preset, imported_first, backend", [
+    (None, False, "system"), ("jemalloc", False, "jemalloc"), (None, True, "built-in")])
+def test_console_script_picks_arrow_allocator_before_pyarrow_loads(preset, imported_first, backend):
+    """`run` sets ARROW_DEFAULT_MEMORY_POOL before pyarrow is imported, so Arrow's C++ default
+    pool (not only pyarrow's) is malloc; a value the user set wins; once pyarrow is loaded it is
+    too late, and the build's own default stays (a fresh interpreter each: the pool is process-wide)."""
+    import pyarrow as pa
+
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if preset:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = preset
+
+    def pool(code: str) -> str:
+        out = subprocess.run([sys.executable, "-c", code + "import pyarrow as pa; print(pa.default_memory_pool().backend_name)"],
+                             env=env, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    if backend == "built-in":
+        backend = pool("")
+        if backend == "system":
+            pytest.skip("this pyarrow build allocates with malloc by default")
+    elif backend not in pa.supported_memory_backends():
+        pytest.skip(f"this pyarrow build has no {backend} pool")
+    assert pool(("import pyarrow; " if imported_first else "")
+                + "from anomaly_vae.cli import _choose_arrow_allocator; _choose_arrow_allocator(); ") == backend
