@@ -174,7 +174,9 @@ class VAEAnomalyDetector(OutlierMixin, BaseEstimator, FittedDetector):
         terms = self._terms_from_X(X_all, attribute=False)
         cal_scores = terms.anomaly_score[cal_idx]
         held_out = not np.array_equal(cal_idx, train_idx)
-        self.column_median_ = np.median(terms.column_nll[cal_idx], axis=0)
+        # float64, as calibration.json loads it: the contributions of a fitted and a loaded model
+        # are then the same bits (and so is model_digest)
+        self.column_median_ = np.median(terms.column_nll[cal_idx], axis=0).astype(np.float64)
         self.typical_x_ = _typical_row(X_all[cal_idx], self.preprocessor_.categorical_spans)
         if self.config_.contamination is not None:
             self.threshold_ = S.contamination_threshold(terms.anomaly_score, self.config_.contamination)
