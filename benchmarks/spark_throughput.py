@@ -18,6 +18,7 @@ Steps:
 
     .venv/bin/python benchmarks/spark_throughput.py                  # 1M rows, local[2]
     nice .venv/bin/python benchmarks/spark_throughput.py --rows 1e6 --master 'local[2]'
+    .venv/bin/python benchmarks/spark_throughput.py --conf spark.executorEnv.ARROW_DEFAULT_MEMORY_POOL=system
 
 The machine is shared; the load average at start and end is recorded with the results.
 """
@@ -46,7 +47,10 @@ from pyspark.sql import SparkSession
 spark = (SparkSession.builder.master(sys.argv[1]).appName("anomaly-vae bench")
          .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
          .config("spark.ui.enabled", "false").config("spark.driver.memory", "2g")
-         .config("spark.sql.execution.arrow.maxRecordsPerBatch", sys.argv[5]).getOrCreate())
+         .config("spark.sql.execution.arrow.maxRecordsPerBatch", sys.argv[5]))
+for key, value in json.loads(sys.argv[8]).items():   # --conf
+    spark = spark.config(key, value)
+spark = spark.getOrCreate()
 spark.sparkContext.setLogLevel("ERROR")
 t1 = time.perf_counter()
 from anomaly_vae.spark import score_dataset
@@ -113,10 +117,16 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=3,
                     help="run the Spark job this many times in one session: the first pays the "
                          "Python workers' start (torch import, model load) and the JVM's warm-up")
+    ap.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra Spark setting (repeatable), e.g. "
+                         "spark.executorEnv.ARROW_DEFAULT_MEMORY_POOL=system")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep-files", action="store_true")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     args = ap.parse_args()
+    if any("=" not in c for c in args.conf):
+        ap.error("--conf takes KEY=VALUE")
+    conf = dict(c.split("=", 1) for c in args.conf)
     rows = int(args.rows)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="anomaly-vae-spark-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -140,7 +150,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", SPARK_CHILD, args.master, str(model), str(data),
-                          str(work / "scored-spark"), str(args.arrow_batch), str(args.jobs), str(rows)],
+                          str(work / "scored-spark"), str(args.arrow_batch), str(args.jobs), str(rows),
+                          json.dumps(conf)],
                          check=True, env=env, capture_output=True, text=True)
     spark_wall = time.perf_counter() - t0
     spark = json.loads(out.stdout.strip().splitlines()[-1])
@@ -149,7 +160,7 @@ def main() -> None:
     first_process = spark["startup_s"] + first           # JVM + session start and one job
 
     result = {
-        "rows": rows, "columns": 20, "master": args.master, "arrow_batch": args.arrow_batch,
+        "rows": rows, "columns": 20, "master": args.master, "arrow_batch": args.arrow_batch, "conf": conf,
         "train_rows": args.train_rows, "epochs": args.epochs, "fit_seconds": fit_s,
         "cli_seconds": round(cli_s, 2), "cli_rows_per_s": round(rows / cli_s),
         "spark_job_seconds": round(first, 2), "spark_rows_per_s": round(rows / first),
