@@ -341,10 +341,7 @@ def score_pool(det: "VAEAnomalyDetector", candidates: Iterator[tuple[int, io.Loc
     drops the pool, never raises: those files are then scored one by one, which names the
     file and row at fault. Each file's output has the same bits as when it is scored alone
     (`model.pad_rows`). The pool's rows are split between `workers` threads (default every
-    CPU), at least MIN_SHARE_ROWS each. Not for score_method "iwae", whose importance
-    samples follow a row's position in the batch: there every file is scored alone."""
-    if det.config_.score_method == "iwae":
-        return {}, None
+    CPU), at least MIN_SHARE_ROWS each."""
     t0 = time.perf_counter()
     taken: list[tuple[int, tuple[pa.Schema, pa.RecordBatch], dict[str, Any]]] = []
     rows, first, stop, head = 0, None, None, None

@@ -36,6 +36,36 @@ def lane_chunk(rows: int) -> int:
     return max(LANE_ROWS, rows // LANE_ROWS * LANE_ROWS)
 
 
+_GOLDEN = np.array(0x9E3779B97F4A7C15, dtype=np.uint64)
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 arrays (arithmetic wraps mod 2**64)."""
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def row_normals(X: np.ndarray, n_draws: int, seed: int = 0) -> np.ndarray:
+    """Standard normals (n, n_draws), float32, that depend only on each row's values and `seed`:
+    a row gets the same draws whatever rows it comes with, in any batch, on any worker.
+
+    Each row's float32 bits are hashed (a random linear form mod 2**64, then splitmix64's
+    finaliser); pair i of draws is the splitmix64 stream of that key at counter i, turned
+    into two normals by Box-Muller. Identical rows get identical draws (and so identical scores)."""
+    bits = np.ascontiguousarray(X, dtype=np.float32).view(np.uint32).astype(np.uint64)     # (n, d)
+    salt = _mix64(np.arange(1, bits.shape[1] + 2, dtype=np.uint64) * _GOLDEN
+                  + np.array(int(seed) % 2 ** 64, dtype=np.uint64)) | np.uint64(1)    # odd coefficients, one per dim + 1
+    key = _mix64(bits @ salt[1:] + salt[0])
+    pairs = (n_draws + 1) // 2
+    h = _mix64(key[:, None] + np.arange(1, pairs + 1, dtype=np.uint64)[None, :] * _GOLDEN)
+    # two 24-bit uniforms in (0, 1) from each 64-bit draw (float32: normals reach ~5.9 sigma)
+    u1 = ((h >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
+    u2 = ((h & np.uint64(0xFFFFFF)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
+    r, theta = np.sqrt(np.float32(-2.0) * np.log(u1)), np.float32(2.0 * np.pi) * u2
+    return np.concatenate([r * np.cos(theta), r * np.sin(theta)], axis=1)[:, :n_draws]
+
+
 def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Elementwise -log N(x | mu, exp(logvar)). Shapes (n, d) -> (n, d)."""
     return 0.5 * (LOG_2PI + logvar + (x - mu) ** 2 * torch.exp(-logvar))
@@ -528,24 +558,27 @@ class VAE(nn.Module):
     @torch.no_grad()
     def iwae_nll(self, X: np.ndarray, n_samples: int = 16, batch_size: int = 2048,
                  seed: int = 0) -> np.ndarray:
-        """Importance-weighted estimate of -log p(x) with K samples from q(z|x). (n,)"""
+        """Importance-weighted estimate of -log p(x) with K samples from q(z|x). (n,)
+        A row's samples come from its own values and `seed` (`row_normals`) and its blocks are
+        padded to whole lanes (`pad_rows`): its score does not depend on the other rows."""
         self._eval()
-        gen = torch.Generator().manual_seed(seed)
         out = np.empty(len(X), dtype=np.float64)
-        for i in range(0, len(X), batch_size):
-            x = torch.from_numpy(X[i:i + batch_size])
+        for i in range(0, len(X), lane_chunk(batch_size)):
+            rows = X[i:i + lane_chunk(batch_size)]
+            m, x = len(rows), pad_rows(torch.from_numpy(rows))
             mu, logvar = self.encode(x)
             std = torch.exp(0.5 * logvar)
+            draws = torch.from_numpy(row_normals(x.numpy(), n_samples * mu.shape[1], seed))
             logw = []
-            for _ in range(n_samples):
-                eps = torch.randn(mu.shape, generator=gen)
+            for k in range(n_samples):
+                eps = draws[:, k * mu.shape[1]:(k + 1) * mu.shape[1]]
                 z = mu + std * eps
                 log_px = -self.dim_nll(x, self.decode(z)).sum(1)
                 log_pz = -0.5 * (z ** 2 + LOG_2PI).sum(1)
                 log_qz = -0.5 * (eps ** 2 + LOG_2PI + logvar).sum(1)
                 logw.append(log_px + log_pz - log_qz)
             lw = torch.stack(logw, 0)
-            out[i:i + len(x)] = -(torch.logsumexp(lw, 0) - math.log(n_samples)).double().numpy()
+            out[i:i + m] = -(torch.logsumexp(lw, 0) - math.log(n_samples))[:m].double().numpy()
         return out
 
     @torch.no_grad()

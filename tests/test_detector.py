@@ -105,6 +105,14 @@ def test_score_methods(frame):
     elbo = terms.recon_nll + terms.kl
     assert np.isfinite(terms.anomaly_score).all() and not np.allclose(terms.anomaly_score, elbo)
     assert np.corrcoef(np.argsort(np.argsort(terms.anomaly_score)), np.argsort(np.argsort(elbo)))[0, 1] > 0.7
+    # a row's importance samples come from its own values (model.row_normals): the same bits
+    # however the rows are cut or ordered, as for the other score methods
+    rows = frame.head(300)
+    whole = iw.anomaly_score(rows)
+    parts = np.concatenate([iw.anomaly_score(rows.iloc[a:b]) for a, b in ((0, 1), (1, 130), (130, 300))])
+    np.testing.assert_array_equal(parts, whole)
+    order = np.random.default_rng(0).permutation(len(rows))
+    np.testing.assert_array_equal(iw.anomaly_score(rows.iloc[order]), whole[order])
 
 
 def test_encode_and_sample(fitted, frame):
