@@ -563,8 +563,9 @@ class VAE(nn.Module):
         padded to whole lanes (`pad_rows`): its score does not depend on the other rows."""
         self._eval()
         out = np.empty(len(X), dtype=np.float64)
-        for i in range(0, len(X), lane_chunk(batch_size)):
-            rows = X[i:i + lane_chunk(batch_size)]
+        step = lane_chunk(batch_size)
+        for i in range(0, len(X), step):
+            rows = X[i:i + step]
             m, x = len(rows), pad_rows(torch.from_numpy(rows))
             mu, logvar = self.encode(x)
             std = torch.exp(0.5 * logvar)
