@@ -59,7 +59,8 @@ def row_normals(X: np.ndarray, n_draws: int, seed: int = 0) -> np.ndarray:
     key = _mix64(bits @ salt[1:] + salt[0])
     pairs = (n_draws + 1) // 2
     h = _mix64(key[:, None] + np.arange(1, pairs + 1, dtype=np.uint64)[None, :] * _GOLDEN)
-    # two 24-bit uniforms in (0, 1) from each 64-bit draw (float32: normals reach ~5.9 sigma)
+    # two 24-bit uniforms in (0, 1] from each 64-bit draw (float32: normals reach ~5.9 sigma;
+    # the top one rounds to 1.0, a radius of 0, never log(0))
     u1 = ((h >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
     u2 = ((h & np.uint64(0xFFFFFF)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
     r, theta = np.sqrt(np.float32(-2.0) * np.log(u1)), np.float32(2.0 * np.pi) * u2
