@@ -315,7 +315,8 @@ def machine() -> dict:
 
     from anomaly_vae.model import _cpu_info
 
-    return {"cpu_vendor": _cpu_info()[0], "auto_precision": auto_dtype(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    vendor, flags = _cpu_info()
+    return {"cpu_vendor": vendor, "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}), "auto_precision": auto_dtype(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "pyarrow": pyarrow.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
@@ -402,8 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3,
                    help="runs of each `score` measurement up to 2M rows (the median is reported)")
     p.add_argument("--workdir", type=Path, default=None, help="data/models/outputs (default: a temp dir)")
-    p.add_argument("--results", type=Path, default=RESULTS_DIR / "throughput.json")
+    p.add_argument("--results", type=Path, default=RESULTS_DIR / "throughput.json",
+                   help="JSON file (a .csv is written beside it), or a directory for throughput.json")
     args = p.parse_args(argv)
+    if args.results.is_dir():
+        args.results = args.results / "throughput.json"
     if args.pyod and importlib.util.find_spec("pyod") is None:
         print("PyOD is not installed (pip install -e '.[bench]'): the PyOD reference rows are skipped "
               "(--no-pyod says so without this line)", file=sys.stderr)
