@@ -7,6 +7,7 @@ the model and every input's outcome and makes a run resumable.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import itertools
@@ -79,7 +80,7 @@ def output_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     roots = roots if roots is not None else [io.parent(p) for p in inputs]
     targets = [io.join(out_dir, io.relative_dir(io.parent(p), r), io.basename(output_path(p, out_dir)))
                for p, r in zip(inputs, roots)]
-    dupes = sorted({str(t) for t in targets if targets.count(t) > 1})
+    dupes = sorted(str(t) for t, n in collections.Counter(targets).items() if n > 1)
     if dupes:
         clash = [str(p) for p, t in zip(inputs, targets) if str(t) in dupes]
         raise DataError(f"inputs {clash} would all be written to {dupes}; rename one of them, pass "
@@ -634,10 +635,14 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
     if resume and previous is not None:
         _check_same_model(where, previous.get("model") or {}, model)
     files = dict((previous or {}).get("files", {}))
+    writers: dict[str, list[str]] = {}        # output -> the done entries that wrote it (one lookup per input)
+    for other, e in files.items():
+        if e.get("status") == "done" and e.get("output"):
+            writers.setdefault(io.canonical(e["output"]), []).append(other)
     for src, dst in zip(inputs, targets):     # refuse before writing anything
         key = _input_key(src)
-        for other, e in list(files.items()):
-            if other == key or e.get("status") != "done" or not _same_file(e.get("output"), dst):
+        for other in writers.get(io.canonical(dst), ()):
+            if other == key or other not in files:
                 continue
             if resume:
                 raise DataError(f"{dst}: already holds the scores of {other} ({where}); scoring "
