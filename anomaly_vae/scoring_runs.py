@@ -42,7 +42,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from . import __version__
 
@@ -313,11 +313,15 @@ class ScoringRun:
     def on_batch(self, source: Any, batch: "pa.RecordBatch", scored: "pa.RecordBatch") -> None:
         """Feed one scored batch to the monitor. A monitor failure (a bug) never fails the
         scoring: it is logged once, monitoring stops and the run gets tag anomaly_vae.monitor_error."""
+        self._watch(self.monitor.update, batch, scored, str(source))
+
+    def _watch(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a monitor call, unless monitoring stopped; a failure stops it (see `on_batch`)."""
         if self.monitor_error is not None:
             return
         try:
-            self.monitor.update(batch, scored, str(source))
-        except Exception as exc:  # noqa: BLE001 - see docstring
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - see on_batch
             self.monitor_error = f"{type(exc).__name__}: {exc}"
             log.warning("scoring-run statistics stopped (scores are not affected): %s", self.monitor_error,
                         exc_info=log.isEnabledFor(logging.DEBUG))
@@ -332,6 +336,7 @@ class ScoringRun:
         """Everything logged as a metric; `summary` is `batch.score_files`'s (None when it raised)."""
         if seconds is None:
             seconds = time.perf_counter() - self._t0 if self._t0 else 0.0
+        self._watch(self.monitor.flush)          # the batches not counted yet
         out = {} if self.monitor_error else self.monitor.metrics()
         cal = getattr(self.det, "calibration_", None) or {}
         out.update({"threshold": float(self.det.threshold_), "seconds": seconds})
@@ -353,6 +358,7 @@ class ScoringRun:
         """What `RunWriter.end` logs: status, metrics, error and monitor_error tags, summary
         (summary.json) and the monitor's data for the artifacts (None when it saw no row)."""
         artifacts = None
+        self._watch(self.monitor.flush)
         if self.monitor_error is None and self.monitor.rows:
             mon = self.monitor
             artifacts = {"drift": mon.drift_table(), "top_rows": mon.top_rows(), "score_sample": mon.score_sample(),

@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from anomaly_vae import batch
+from anomaly_vae import batch, monitor
 from anomaly_vae.drift import SCORE_ROW, drift_table
 from anomaly_vae.monitor import RESERVOIR_SIZE, ScoringMonitor
 from conftest import mixed_frame
@@ -106,8 +106,10 @@ def test_top_rows_are_the_highest_flagged_scores_with_explanations(fitted):
     assert list(roomy.top_rows()["row_id"]) == list(flagged["row_id"])
 
 
+@pytest.mark.parametrize("gather", [monitor.GATHER_ROWS, 100])   # all counted at the end / some at once
 @pytest.mark.parametrize("reservoir", [RESERVOIR_SIZE, 250])     # 250: full before the bad input
-def test_discard_forgets_the_batches_of_a_failed_input(fitted, reservoir):
+def test_discard_forgets_the_batches_of_a_failed_input(fitted, reservoir, gather, monkeypatch):
+    monkeypatch.setattr(monitor, "GATHER_ROWS", gather)
     good, bad = mixed_frame(400, seed=14), _shifted(seed=15, n=400)
     clean = _monitor(fitted, reservoir_size=reservoir)
     _feed(fitted, good, [200, 200], clean, "good.parquet")
@@ -141,3 +143,36 @@ def test_bin_counts_match_searchsorted_bins():
         want = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
         np.testing.assert_array_equal(_bin_counts(values, edges), want)
         assert _bin_counts(values[:0], edges).tolist() == [0] * (len(edges) + 1)
+
+
+def test_many_small_inputs_gathered_give_the_statistics_of_one_by_one(fitted, monkeypatch):
+    """Small inputs' batches are counted together (GATHER_ROWS rows at a time): the figures
+    are those of counting each batch alone, and each top row keeps its own input."""
+    df = _shifted(seed=16, n=600)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    parts = [(table.slice(i, 20).combine_chunks().to_batches()[0], f"part-{i // 20:02d}.parquet")
+             for i in range(0, 600, 20)]
+    for i in range(10, 15):                                 # inputs whose amount is float32: not one batch
+        rb, src = parts[i]
+        at = rb.schema.get_field_index("amount")
+        parts[i] = (rb.set_column(at, "amount", rb.column(at).cast(pa.float32())), src)
+    scored = [(rb, batch.score_batch(fitted, rb, ["row_id"]), src) for rb, src in parts]
+    results = []
+    for gather in (1, 70, monitor.GATHER_ROWS):             # 1: each batch counted at once, as before
+        monkeypatch.setattr(monitor, "GATHER_ROWS", gather)
+        mon = _monitor(fitted, top_k=8)
+        for rb, out, src in scored:
+            mon.update(rb, out, src)
+        mon.discard("part-29.parquet")                      # the last input failed
+        results.append((mon.metrics(), mon.top_rows(), mon.drift_table(), mon.score_sample()))
+    for metrics, top, drift, sample in results[1:]:
+        assert metrics == results[0][0]
+        assert top.equals(results[0][1]) and drift.equals(results[0][2])
+        np.testing.assert_array_equal(sample, results[0][3])
+    metrics, top = results[0][0], results[0][1]
+    assert metrics["rows"] == 580
+    every = pa.Table.from_batches([out for _, out, _ in scored[:29]]).to_pandas()
+    every["input"] = [src for _, out, src in scored[:29] for _ in range(out.num_rows)]
+    want = every[every["is_anomaly"]].sort_values("anomaly_score", ascending=False, kind="stable")[:8]
+    assert len(want) == 8
+    assert list(top["row_id"]) == list(want["row_id"]) and list(top["input"]) == list(want["input"])
