@@ -639,8 +639,8 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
     for other, e in files.items():
         if e.get("status") == "done" and e.get("output"):
             writers.setdefault(io.canonical(e["output"]), []).append(other)
-    for src, dst in zip(inputs, targets):     # refuse before writing anything
-        key = _input_key(src)
+    keys = [_input_key(src) for src in inputs]
+    for src, dst, key in zip(inputs, targets, keys):     # refuse before writing anything
         for other in writers.get(io.canonical(dst), ()):
             if other == key or other not in files:
                 continue
@@ -677,7 +677,7 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
     def skip(i: int) -> bool:
         """Whether input i is done from an earlier run (with `resume`; asked once per input)."""
         if i not in done_before:
-            done_before[i] = resume and is_done(files.get(_input_key(inputs[i])), inputs[i], targets[i], digest)
+            done_before[i] = resume and is_done(files.get(keys[i]), inputs[i], targets[i], digest)
         return done_before[i]
 
     pooled: dict[int, Pooled] = {}
@@ -685,8 +685,7 @@ def _score_files_locked(det: "VAEAnomalyDetector", inputs: list[io.Location], ta
     save()
     file_bar = tqdm(total=len(inputs), desc="files", unit="file", disable=not progress or len(inputs) < 2)
     try:
-        for i, (src, dst) in enumerate(zip(inputs, targets)):
-            key = _input_key(src)
+        for i, (src, dst, key) in enumerate(zip(inputs, targets, keys)):
             if skip(i):
                 summary["skipped"] += 1
                 ended(src, "skipped")

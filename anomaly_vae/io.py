@@ -217,7 +217,12 @@ def expand_inputs_with_roots(paths: Sequence[str | os.PathLike]) -> list[tuple[L
         else:
             raise DataError(f"{raw}: no such file or directory")
     seen: set[str] = set()
-    unique = [(f, r) for f, r in out if not (canonical(f) in seen or seen.add(canonical(f)))]
+    unique = []
+    for f, r in out:
+        key = canonical(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append((f, r))
     if not unique:
         raise DataError("no input files given")
     return unique
