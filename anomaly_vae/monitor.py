@@ -205,9 +205,10 @@ class ScoringMonitor:
               "_top", "_reservoir", "_rng")
 
     def _state(self) -> dict[str, Any]:
-        """A copy of everything `update` changes (taken as each input starts, so ~1 ms of
-        deepcopy per input was the biggest cost of a scoring run over many small files): the
-        arrays and count dicts copied, the Arrow table of top rows kept (tables are immutable)."""
+        """A copy of everything counting changes (taken before the first counted batch of the
+        last input of a `flush`, not per input: a deepcopy of it per input was once the biggest
+        cost of a run over many small files): the arrays and count dicts copied, the Arrow
+        table of top rows kept (tables are immutable)."""
         state = {k: getattr(self, k) for k in self._STATE}
         state.update(score_counts=self.score_counts.copy(), _reservoir=self._reservoir.copy(),
                      _rng=copy.deepcopy(self._rng),
@@ -258,7 +259,7 @@ class ScoringMonitor:
         calibration scores, new_scores=all scores)`: feature, kind, psi, missing_new, alert;
         largest PSI first. Empty when no row was seen."""
         cols = ["feature", "kind", "psi", "missing_new", "alert"]
-        if self.rows == 0:              # (flushes)
+        if self.rows == 0:              # (the property counts the pending batches first)
             return pd.DataFrame(columns=cols)
         rows = []
         for name, acc in self.features.items():
