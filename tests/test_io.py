@@ -266,3 +266,31 @@ def test_read_small_parquet_reads_one_file_whole_or_says_no(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="bad.parquet"):
         io.read_small_parquet(tmp_path / "bad.parquet", 3, lambda s: ["a"])
+
+
+def test_write_stream_syncs_a_local_output_to_disk_before_its_name_appears(tmp_path, monkeypatch):
+    """The manifest is fsynced and says "done"; the output it names must not be lost in a crash
+    after the rename: its data is fsynced first (what a failed write never reaches)."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(io.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(io.os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    dst = tmp_path / "out.parquet"
+    table = pa.table({"x": np.arange(10.0)})
+    assert io.write_stream(dst, table.schema, table.to_batches()) == 10
+    assert [e[0] for e in events] == ["fsync", "replace"]
+    assert events[0][1] == events[1][1] and events[1][2] == str(dst)       # the temporary, then its move
+    assert pq.read_table(dst).equals(table)
+
+    events.clear()
+
+    def broken():
+        yield table.to_batches()[0]
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        io.write_stream(tmp_path / "bad.parquet", table.schema, broken())
+    assert events == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
