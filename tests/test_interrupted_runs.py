@@ -98,3 +98,43 @@ def test_sigterm_during_train_ends_its_run_failed(store, tmp_path):
             break
     assert code == 128 + signal.SIGTERM, proc.stderr.read()[-2000:]
     assert client.get_run(run).info.status == "FAILED"
+
+
+def test_sigterm_turned_into_another_error_on_its_way_out_still_exits_143():
+    """The handler's SystemExit raised inside a pybind11 extension's import (matplotlib's, while a
+    run draws its plots) reaches the command as "ImportError: initialization failed" (CI saw
+    exit 1, "internal error"); the command still exits 128 + SIGTERM. Real handler, in process."""
+    import click
+    from click.testing import CliRunner
+
+    from anomaly_vae.cli import main
+
+    @click.command("stopped-during-import")
+    def stopped() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)       # delivered here, raises the handler's SystemExit
+            time.sleep(5)
+        except SystemExit:
+            raise ImportError("initialization failed") from None     # what pybind11's module init does
+        raise AssertionError("the SIGTERM handler did not run")
+
+    main.add_command(stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        result = CliRunner().invoke(main, ["stopped-during-import"])
+    finally:
+        main.commands.pop("stopped-during-import")
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert "internal error" not in result.output
+    assert signal.getsignal(signal.SIGTERM) is before              # restored when the command ended
+    # an ImportError without a stop is still an internal error
+    @click.command("broken-import")
+    def broken() -> None:
+        raise ImportError("initialization failed")
+
+    main.add_command(broken)
+    try:
+        result = CliRunner().invoke(main, ["broken-import"])
+    finally:
+        main.commands.pop("broken-import")
+    assert result.exit_code == 1 and "internal error: ImportError" in result.output

@@ -25,6 +25,7 @@ from ..errors import AnomalyVAEError, DataError, LockedError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 USER_ERROR, INTERNAL_ERROR, LOCKED = 2, 1, 3
+_stopped_by = 0          # the signal `_exit_on_sigterm`'s handler has raised SystemExit for (0: none)
 SCORING_THREADS = 1
 # MLflow error codes that mean "you asked for something that does not exist / is invalid"
 _MLFLOW_USER_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
@@ -99,6 +100,8 @@ class _Group(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to an exit code right here
+            if _stopped_by:       # the stop's SystemExit, turned into another error on its way out
+                raise SystemExit(128 + _stopped_by) from exc
             debug = ctx.obj.debug if isinstance(ctx.obj, State) else False
             err = _to_cli_error(exc)
             if debug:
@@ -123,14 +126,23 @@ class _StderrHandler(logging.StreamHandler):
 def _exit_on_sigterm(ctx: click.Context) -> None:
     """SIGTERM (systemd stop, Airflow/cron timeouts, `kill`) raises SystemExit(143) in the main
     thread, so open MLflow runs end as FAILED instead of staying RUNNING (SIGKILL cannot be caught:
-    the next run start marks those KILLED). The previous handler is restored when the command ends."""
+    the next run start marks those KILLED). The previous handler is restored when the command ends.
+
+    The SystemExit is raised wherever the main thread is, and code in between may turn it into
+    another error: a pybind11 extension being imported (matplotlib's, for a run's plots) reports
+    "ImportError: initialization failed". `_stopped_by` remembers the signal, so the command
+    still exits 128 + signal instead of "internal error"."""
     import signal
     import threading
 
+    global _stopped_by
     if threading.current_thread() is not threading.main_thread():
         return
+    _stopped_by = 0
 
     def stop(signum: int, frame: Any) -> None:
+        global _stopped_by
+        _stopped_by = signum
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
