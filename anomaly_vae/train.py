@@ -125,7 +125,10 @@ def fit_vae(vae: VAE, X_train: np.ndarray, X_val: np.ndarray | None, config: Con
     n, bs, epochs = len(X), int(config.batch_size), int(config.max_epochs)
     steps_per_epoch = max(1, -(-n // bs))
     total_steps = steps_per_epoch * epochs
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel per step for all parameters (CPU and CUDA), 10% of a wide model's
+    # training loop (60k wide rows, 4 epochs, alternating: 2.47-2.64 vs 2.79-2.97 s)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                            fused=device.type in ("cpu", "cuda"))
     num_mask = torch.zeros(vae.n_dims, device=device)
     num_mask[vae.num_idx] = 1.0
     owner = torch.as_tensor(column_of_dim if column_of_dim is not None else np.arange(vae.n_dims),
