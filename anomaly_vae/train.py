@@ -80,7 +80,7 @@ def _elbo_terms(vae: VAE, x: torch.Tensor, config: Config, beta: float, noise: t
     else:
         mu, logvar = vae.encode(x_in)
         z = mu if config.objective == "ae" else vae.reparameterize(mu, logvar)
-        recon = vae.dim_nll(x, vae.decode(z)).sum(1).mean()
+        recon = vae.row_nll(x, vae.decode(z)).mean()
         kl_dims = kl_divergence(mu, logvar).mean(0)
         if config.objective == "ae":
             return recon, recon, kl_dims.sum().detach()
@@ -105,7 +105,7 @@ def _validation_terms(vae: VAE, ref: torch.Tensor, config: Config) -> tuple[floa
         from .masked import masked_val_terms
         return masked_val_terms(vae, ref)
     mu, logvar = vae.encode(ref)
-    v_recon = vae.dim_nll(ref, vae.decode(mu)).sum(1).mean().item()
+    v_recon = vae.row_nll(ref, vae.decode(mu)).mean().item()
     return v_recon, kl_divergence(mu, logvar).mean(0).sum().item(), mu
 
 

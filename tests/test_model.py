@@ -199,3 +199,30 @@ def test_score_block_keeps_the_widest_activations_near_two_mib():
     default = vae.column_terms(enc, TINY_OWNER, 4)
     for got, want in zip(vae.column_terms(enc, TINY_OWNER, 4, batch_size=700), default):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_row_nll_is_the_sum_of_dim_nll_with_the_same_gradients():
+    """The training loss's row NLL equals dim_nll summed over dims (missing numerics masked,
+    one-hot cross-entropy, indicators), and so do its gradients."""
+    torch.manual_seed(0)
+    vae = VAE(10, np.array([0, 1, 2]), np.array([3]), [(4, 7), (7, 10)], np.array([-1, -1, 3]),
+              hidden=(16, 8), latent_dim=2)
+    rng = np.random.default_rng(0)
+    x = torch.zeros(64, 10)
+    x[:, :3] = torch.from_numpy(rng.normal(size=(64, 3)).astype(np.float32))
+    x[:, 3] = torch.from_numpy((rng.random(64) < 0.3).astype(np.float32))
+    x[x[:, 3] == 1, 2] = 99.0                     # imputed value of a missing cell: not counted
+    x[torch.arange(64), torch.from_numpy(4 + rng.integers(0, 3, 64))] = 1.0
+    x[torch.arange(64), torch.from_numpy(7 + rng.integers(0, 3, 64))] = 1.0
+    grads = []
+    for loss_of in (lambda p: vae.dim_nll(x, p).sum(1), lambda p: vae.row_nll(x, p)):
+        vae.zero_grad()
+        rows = loss_of(vae.decode(vae.encode(x)[0]))
+        rows.mean().backward()
+        grads.append([q.grad.clone() for q in vae.parameters() if q.grad is not None])
+        if len(grads) == 1:
+            dense = rows.detach()
+    torch.testing.assert_close(rows.detach(), dense, rtol=1e-6, atol=1e-5)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for g_dense, g_rows in zip(*grads):
+        torch.testing.assert_close(g_rows, g_dense, rtol=1e-5, atol=1e-6)
