@@ -217,6 +217,10 @@ class VAE(nn.Module):
         self.cat_spans = [(int(a), int(b)) for a, b in categorical_spans]
         cat_dims = [d for a, b in self.cat_spans for d in range(a, b)]
         self.register_buffer("cat_idx", torch.as_tensor(cat_dims, dtype=torch.long))
+        # the block of each categorical logit, for `row_nll`'s segment sums (not saved: derived)
+        self.register_buffer("cat_block", torch.as_tensor([j for j, (a, b) in enumerate(self.cat_spans)
+                                                           for _ in range(a, b)], dtype=torch.long),
+                             persistent=False)
         # the encoder's layout puts the one-hot blocks last, side by side: scoring then reads
         # each block as one index (an embedding lookup) instead of a dense one-hot product
         self._cat_start = self.cat_spans[0][0] if self.cat_spans else n_dims
@@ -324,7 +328,10 @@ class VAE(nn.Module):
         (n, n_dims) tensor. The training loss, where building that tensor (index assignments
         and their backward) was ~10% of a step: 60k wide rows x 4 epochs, training loop
         2.07-2.16 against 2.26-2.43 s. A categorical block adds
-        logsumexp(logits) * sum(x) - sum(x * logits), its cross-entropy."""
+        logsumexp(logits) * sum(x) - sum(x * logits), its cross-entropy; the logsumexps of all
+        blocks are segment sums (`cat_block`) shifted by each block's largest logit, not one
+        call per block: 2.05-2.12 against 2.17-2.30 s. (A matmul with a dims x blocks one-hot
+        matrix was 3% faster on the wide table but grows with dims x blocks.)"""
         mean, logvar, ind_logit, cat_logit = params
         total = x.new_zeros(len(x))
         if len(self.num_idx):
@@ -338,12 +345,14 @@ class VAE(nn.Module):
         if len(self.ind_idx):
             total = total + F.binary_cross_entropy_with_logits(ind_logit, x[:, self.ind_idx], reduction="none").sum(1)
         if self.cat_spans:
-            off, lse, mass = 0, [], []
-            for a, b in self.cat_spans:
-                lse.append(torch.logsumexp(cat_logit[:, off:off + b - a], 1))
-                mass.append(x[:, a:b].sum(1))
-                off += b - a
-            total = total + (torch.stack(lse, 1) * torch.stack(mass, 1)).sum(1) - (x[:, self.cat_idx] * cat_logit).sum(1)
+            n, shape = len(x), (len(x), len(self.cat_spans))
+            with torch.no_grad():        # lse does not depend on the shift: no gradient through it
+                top = torch.full(shape, -torch.inf, dtype=cat_logit.dtype, device=x.device).scatter_reduce_(
+                    1, self.cat_block.expand(n, -1), cat_logit, "amax")
+            sums = cat_logit.new_zeros(shape).index_add_(1, self.cat_block, torch.exp(cat_logit - top[:, self.cat_block]))
+            xc = x[:, self.cat_idx]
+            mass = x.new_zeros(shape).index_add_(1, self.cat_block, xc)
+            total = total + ((torch.log(sums) + top) * mass).sum(1) - (xc * cat_logit).sum(1)
         return total
 
     def forward(self, x: torch.Tensor, sample: bool = True):
