@@ -303,14 +303,7 @@ class VAE(nn.Module):
         mean, logvar, ind_logit, cat_logit = params
         nll = x.new_zeros(x.shape)
         if len(self.num_idx):
-            xn = x[:, self.num_idx]
-            g = gaussian_nll(xn, mean, logvar)
-            has_ind = self.num_ind >= 0
-            if has_ind.any():
-                observed = torch.ones_like(g)
-                observed[:, has_ind] = 1.0 - x[:, self.num_ind[has_ind]]
-                g = g * observed
-            nll[:, self.num_idx] = g
+            nll[:, self.num_idx] = self._numeric_nll(x, mean, logvar)
         if len(self.ind_idx):
             nll[:, self.ind_idx] = F.binary_cross_entropy_with_logits(
                 ind_logit, x[:, self.ind_idx], reduction="none")
@@ -322,6 +315,17 @@ class VAE(nn.Module):
                 off += b - a
             nll[:, self.cat_idx] = torch.cat(parts, dim=1)
         return nll
+
+    def _numeric_nll(self, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """Gaussian NLL of the numeric dims, (n, n_num); 0 where the value was missing (its
+        indicator is 1)."""
+        g = gaussian_nll(x[:, self.num_idx], mean, logvar)
+        has_ind = self.num_ind >= 0
+        if has_ind.any():
+            observed = torch.ones_like(g)
+            observed[:, has_ind] = 1.0 - x[:, self.num_ind[has_ind]]
+            g = g * observed
+        return g
 
     def row_nll(self, x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Negative log-likelihood of each row, (n,): `dim_nll(x, params).sum(1)` without the
@@ -335,13 +339,7 @@ class VAE(nn.Module):
         mean, logvar, ind_logit, cat_logit = params
         total = x.new_zeros(len(x))
         if len(self.num_idx):
-            g = gaussian_nll(x[:, self.num_idx], mean, logvar)
-            has_ind = self.num_ind >= 0
-            if has_ind.any():
-                observed = torch.ones_like(g)
-                observed[:, has_ind] = 1.0 - x[:, self.num_ind[has_ind]]
-                g = g * observed
-            total = total + g.sum(1)
+            total = total + self._numeric_nll(x, mean, logvar).sum(1)
         if len(self.ind_idx):
             total = total + F.binary_cross_entropy_with_logits(ind_logit, x[:, self.ind_idx], reduction="none").sum(1)
         if self.cat_spans:
