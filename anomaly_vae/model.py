@@ -108,14 +108,13 @@ class ColumnLayout(NamedTuple):
     def build(cls, vae: "VAE", owner: np.ndarray, n_columns: int, device="cpu") -> "ColumnLayout":
         own = torch.as_tensor(np.asarray(owner, dtype=np.int64))
         has_ind = vae.num_ind >= 0
-        blocks, off, block_of = [], 0, []
-        for j, (a, b) in enumerate(vae.cat_spans):
+        blocks, off = [], 0
+        for a, b in vae.cat_spans:
             blocks.append((off, off + b - a))
-            block_of += [j] * (b - a)
             off += b - a
         t = lambda v: torch.as_tensor(v, dtype=torch.long).to(device)  # noqa: E731
         return cls(n_columns, t(own[vae.num_idx.cpu()]), t(torch.nonzero(has_ind.cpu())[:, 0]),
-                   t(vae.num_ind[has_ind].cpu()), t(own[vae.ind_idx.cpu()]), blocks, t(block_of),
+                   t(vae.num_ind[has_ind].cpu()), t(own[vae.ind_idx.cpu()]), blocks, t(vae.cat_block.cpu()),
                    t([int(own[a]) for a, _ in vae.cat_spans]))
 
 
@@ -217,7 +216,7 @@ class VAE(nn.Module):
         self.cat_spans = [(int(a), int(b)) for a, b in categorical_spans]
         cat_dims = [d for a, b in self.cat_spans for d in range(a, b)]
         self.register_buffer("cat_idx", torch.as_tensor(cat_dims, dtype=torch.long))
-        # the block of each categorical logit, for `row_nll`'s segment sums (not saved: derived)
+        # the block of each categorical logit, for segment sums (`row_nll`, `ColumnLayout`; not saved: derived)
         self.register_buffer("cat_block", torch.as_tensor([j for j, (a, b) in enumerate(self.cat_spans)
                                                            for _ in range(a, b)], dtype=torch.long),
                              persistent=False)
@@ -347,7 +346,8 @@ class VAE(nn.Module):
             with torch.no_grad():        # lse does not depend on the shift: no gradient through it
                 top = torch.full(shape, -torch.inf, dtype=cat_logit.dtype, device=x.device).scatter_reduce_(
                     1, self.cat_block.expand(n, -1), cat_logit, "amax")
-            sums = cat_logit.new_zeros(shape).index_add_(1, self.cat_block, torch.exp(cat_logit - top[:, self.cat_block]))
+            shifted = torch.exp(cat_logit - top[:, self.cat_block])
+            sums = cat_logit.new_zeros(shape).index_add_(1, self.cat_block, shifted)
             xc = x[:, self.cat_idx]
             mass = x.new_zeros(shape).index_add_(1, self.cat_block, xc)
             total = total + ((torch.log(sums) + top) * mass).sum(1) - (xc * cat_logit).sum(1)
